@@ -1,0 +1,49 @@
+// One error base for the whole project, with stable codes that logs, the admin API and
+// tests match on. Codes are documented in docs/errors.md; never reuse or rename one.
+
+export const ERROR_CODES = {
+  // Configuration and CLI
+  CONFIG_INVALID: 'a configuration value or command-line argument is invalid',
+  SIZE_INVALID: 'a size string could not be parsed (use bytes, KiB, MiB, GiB, TiB)',
+  // NBD protocol
+  NBD_BAD_MAGIC: 'a peer sent a frame whose magic number is wrong',
+  NBD_BAD_FLAGS: 'a client sent handshake flags this server does not know',
+  NBD_OPTION_TOO_LARGE: 'an option payload is larger than the server accepts',
+  NBD_PROTOCOL: 'a peer broke the NBD protocol; the connection is closed',
+  NBD_EINVAL: 'an NBD request is invalid (range, alignment, flags, command)',
+  NBD_EPERM: 'an NBD write to a read-only export',
+  NBD_ENOSPC: 'an NBD write past the end of the export',
+  NBD_EOVERFLOW: 'an NBD request is longer than the advertised maximum',
+  NBD_ENOTSUP: 'an NBD request asked for something this export cannot do fast',
+  NBD_EIO: 'an I/O error on the volume',
+  NBD_SHUTDOWN: 'the server is shutting down',
+  NBD_CLIENT: 'the NBD client got an error reply or a broken connection',
+  NBD_TLS: 'TLS negotiation failed or was required',
+  // Journal and store
+  JOURNAL_CORRUPT: 'the write-ahead log has a corrupt entry before its tail',
+  JOURNAL_CLOSED: 'the write-ahead log is closed',
+  STORE_IO: 'the image file or its metadata could not be read or written',
+  STORE_RANGE: 'a store request falls outside the volume',
+  VOLUME_NOT_FOUND: 'no volume by that name',
+  VOLUME_BUSY: 'the volume has too many requests in flight',
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+export class MirrorsanError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'MirrorsanError';
+    this.code = code;
+  }
+}
+
+export function isMirrorsanError(error: unknown, code?: ErrorCode): error is MirrorsanError {
+  return error instanceof MirrorsanError && (code === undefined || error.code === code);
+}
+
+/** Programmer errors crash loudly: an invariant that does not hold is a bug, not input. */
+export function assert(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new Error(`assertion failed: ${message}`);
+}
