@@ -22,6 +22,7 @@ export const ERROR_CODES = {
   // Journal and store
   JOURNAL_CORRUPT: 'the write-ahead log has a corrupt entry before its tail',
   JOURNAL_CLOSED: 'the write-ahead log is closed',
+  JOURNAL_IO: 'the write-ahead log could not be written or synced; it accepts no more entries',
   STORE_IO: 'the image file or its metadata could not be read or written',
   STORE_RANGE: 'a store request falls outside the volume',
   VOLUME_NOT_FOUND: 'no volume by that name',

@@ -1,0 +1,53 @@
+// The `mirrorsan` command: thin commands over the library. Every failure prints one line
+// with the error code and exits non-zero; stack traces only for programmer errors.
+import { Command, Option } from 'commander';
+import { isMirrorsanError } from '../errors.js';
+import { runNodeCommand } from './node-command.js';
+import { runStatusCommand } from './status-command.js';
+import { runUpCommand } from './up-command.js';
+
+function reportAndExit(error: unknown): never {
+  if (isMirrorsanError(error)) {
+    process.stderr.write(`mirrorsan: ${error.message} (${error.code})\n`);
+  } else {
+    process.stderr.write(`mirrorsan: internal error: ${error instanceof Error ? error.stack : String(error)}\n`);
+  }
+  process.exit(1);
+}
+
+const program = new Command();
+program
+  .name('mirrorsan')
+  .description('A virtual SAN: servers with local disks export mirrored block volumes over NBD.')
+  .showHelpAfterError();
+
+program
+  .command('up')
+  .description('Start the embedded default: N nodes on this host serving one volume, until SIGINT/SIGTERM.')
+  .option('--nodes <count>', 'number of nodes', '1')
+  .option('--dir <path>', 'data directory (one subdirectory per node)', './mirrorsan-data')
+  .option('--volume <name>', 'volume name (the NBD export name)', 'vol0')
+  .option('--size <size>', 'volume size, e.g. 1GiB, 512MiB, or bytes', '1GiB')
+  .option('--base-port <port>', 'node i uses NBD port P+i, peer port P+100+i, admin port P+200+i', '10809')
+  .option('--host <address>', 'address to listen on', '127.0.0.1')
+  .option('--tls-cert <file>', 'PEM certificate for NBD STARTTLS')
+  .option('--tls-key <file>', 'PEM private key for NBD STARTTLS')
+  .option('--tls-required', 'refuse clients that do not use TLS')
+  .option('--json', 'print one JSON line describing the nodes when ready')
+  .action((options) => runUpCommand(options).catch(reportAndExit));
+
+program
+  .command('node')
+  .description('Start (or restart) one node from its config file, as written by `mirrorsan up`.')
+  .requiredOption('--config <file>', 'node config file (DIR/<id>/node.json)')
+  .option('--json', 'print one JSON line describing the node when ready')
+  .action((options) => runNodeCommand(options).catch(reportAndExit));
+
+program
+  .command('status')
+  .description("Show a node's view of the cluster: volumes, replicas, logs.")
+  .addOption(new Option('--admin <url>', 'admin URL of any node').default('http://127.0.0.1:11009'))
+  .option('--json', 'print the raw JSON status')
+  .action((options) => runStatusCommand(options).catch(reportAndExit));
+
+program.parseAsync(process.argv).catch(reportAndExit);

@@ -1,0 +1,249 @@
+// Proves the log entry codec: round trips, zero-copy payload views, every split point of a
+// chunked stream, torn-tail versus corruption at every byte and bit, and (fast-check) that
+// random input never throws and a cut log decodes to exactly its prefix of whole entries.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { isMirrorsanError } from '../errors.js';
+import {
+  ENTRY_HEADER_BYTES,
+  ENTRY_TYPE,
+  EntryStreamDecoder,
+  decodeEntryAt,
+  decodeLog,
+  encodeHeader,
+  type EntryType,
+  type LogEntry,
+} from './entry.js';
+
+interface Sample {
+  entry: LogEntry;
+  payload: Buffer;
+}
+
+function sample(sequence: number, type: EntryType, payloadLength: number, fill = sequence): Sample {
+  const payload = type === ENTRY_TYPE.WRITE ? Buffer.alloc(payloadLength, fill & 0xff) : Buffer.alloc(0);
+  return {
+    entry: { type, flags: sequence & 0xffff, sourceId: 7, sequence, offset: sequence * 4096, lengthBytes: type === ENTRY_TYPE.WRITE ? payloadLength : 8192 },
+    payload,
+  };
+}
+
+function encodeAll(samples: readonly Sample[]): Buffer {
+  return Buffer.concat(samples.flatMap((s) => [encodeHeader(s.entry, s.payload), s.payload]));
+}
+
+function boundaries(samples: readonly Sample[]): number[] {
+  const out = [0];
+  for (const s of samples) out.push(out[out.length - 1]! + ENTRY_HEADER_BYTES + s.payload.length);
+  return out;
+}
+
+const THREE: Sample[] = [sample(1, ENTRY_TYPE.WRITE, 100), sample(2, ENTRY_TYPE.ZERO, 0), sample(3, ENTRY_TYPE.WRITE, 37), sample(4, ENTRY_TYPE.TRIM, 0)];
+
+test('entries round-trip through encodeHeader and decodeEntryAt, payload as a view', () => {
+  const log = encodeAll(THREE);
+  let at = 0;
+  for (const s of THREE) {
+    const step = decodeEntryAt(log, at);
+    assert.equal(step.status, 'entry');
+    if (step.status !== 'entry') return;
+    assert.deepEqual(step.entry, s.entry);
+    assert.deepEqual(step.payload, s.payload);
+    if (s.payload.length > 0) assert.equal(step.payload.buffer, log.buffer, 'payload must be a view, not a copy');
+    at += step.sizeBytes;
+  }
+  assert.equal(at, log.length);
+});
+
+test('u64 fields up to 2^53-1 survive the round trip', () => {
+  const big = Number.MAX_SAFE_INTEGER;
+  const entry: LogEntry = { type: ENTRY_TYPE.TRIM, flags: 0xffff, sourceId: 0xffff_ffff, sequence: big, offset: big - 1, lengthBytes: 1 };
+  const step = decodeEntryAt(encodeHeader(entry), 0);
+  assert.equal(step.status, 'entry');
+  if (step.status === 'entry') assert.deepEqual(step.entry, entry);
+});
+
+test('encodeHeader refuses entries that could not be decoded', () => {
+  const ok = sample(1, ENTRY_TYPE.WRITE, 8);
+  assert.throws(() => encodeHeader({ ...ok.entry, sequence: 0 }, ok.payload), /sequence/);
+  assert.throws(() => encodeHeader({ ...ok.entry, lengthBytes: 9 }, ok.payload), /payload length/);
+  assert.throws(() => encodeHeader({ ...ok.entry, type: ENTRY_TYPE.ZERO }, ok.payload), /payload length/);
+  assert.throws(() => encodeHeader({ ...ok.entry, offset: Number.MAX_SAFE_INTEGER }, ok.payload), /out of range/);
+  assert.throws(() => encodeHeader({ ...ok.entry, type: 9 as EntryType }, ok.payload), /unknown type/);
+});
+
+test('stream decoder yields the same entries at every split point of a two-chunk stream', () => {
+  const log = encodeAll(THREE);
+  for (let split = 0; split <= log.length; split++) {
+    const decoder = new EntryStreamDecoder();
+    const got: Sample[] = [];
+    for (const chunk of [log.subarray(0, split), log.subarray(split)]) {
+      decoder.push(chunk);
+      for (;;) {
+        const step = decoder.next();
+        if (step.status === 'need-more') break;
+        assert.equal(step.status, 'entry', `split ${split}`);
+        if (step.status === 'entry') got.push({ entry: step.entry, payload: Buffer.from(step.payload) });
+      }
+    }
+    assert.deepEqual(got, THREE, `split ${split}`);
+    assert.equal(decoder.bufferedBytes, 0);
+  }
+});
+
+test('stream decoder fed one byte at a time reports what it needs and decodes everything', () => {
+  const log = encodeAll(THREE);
+  const decoder = new EntryStreamDecoder();
+  const got: LogEntry[] = [];
+  for (let i = 0; i < log.length; i++) {
+    decoder.push(log.subarray(i, i + 1));
+    const step = decoder.next();
+    if (step.status === 'entry') got.push(step.entry);
+    else assert.equal(step.status, 'need-more');
+  }
+  assert.deepEqual(got, THREE.map((s) => s.entry));
+});
+
+test('stream decoder stops at an invalid entry and stays stopped', () => {
+  const log = encodeAll(THREE);
+  log[ENTRY_HEADER_BYTES + 5] = log[ENTRY_HEADER_BYTES + 5]! ^ 0x01; // inside the first payload
+  const decoder = new EntryStreamDecoder();
+  decoder.push(log);
+  assert.deepEqual(decoder.next(), { status: 'invalid', reason: 'payload crc mismatch' });
+  assert.equal(decoder.next().status, 'invalid');
+});
+
+test('a log cut at every byte decodes to its whole entries and a torn tail', () => {
+  const log = encodeAll(THREE);
+  const ends = boundaries(THREE);
+  for (let cut = 0; cut <= log.length; cut++) {
+    const { entries, end } = decodeLog(log.subarray(0, cut));
+    const whole = ends.filter((b) => b <= cut).length - 1;
+    assert.deepEqual(entries.map((e) => e.entry), THREE.slice(0, whole).map((s) => s.entry), `cut ${cut}`);
+    if (ends.includes(cut)) assert.deepEqual(end, { kind: 'clean' }, `cut ${cut}`);
+    else assert.equal(end.kind === 'torn' && end.at, ends[whole], `cut ${cut}`);
+  }
+});
+
+test('a flipped bit anywhere in a middle entry is corruption; in the last entry a torn tail', () => {
+  const log = encodeAll(THREE);
+  const ends = boundaries(THREE);
+  const middle = 2; // the third entry (a WRITE with payload) of four
+  for (let byte = ends[middle]!; byte < ends[middle + 1]!; byte++) {
+    const damaged = Buffer.from(log);
+    damaged[byte] = damaged[byte]! ^ (1 << (byte % 8));
+    const { entries, end } = decodeLog(damaged);
+    assert.equal(entries.length, middle, `byte ${byte}`);
+    assert.equal(end.kind, 'corrupt', `byte ${byte}`);
+    assert.equal(end.kind === 'corrupt' && end.at, ends[middle]);
+  }
+  const lastEntries = [...THREE.slice(0, 3), sample(4, ENTRY_TYPE.WRITE, 64)];
+  const lastLog = encodeAll(lastEntries);
+  const lastEnds = boundaries(lastEntries);
+  for (let byte = lastEnds[3]!; byte < lastLog.length; byte++) {
+    const damaged = Buffer.from(lastLog);
+    damaged[byte] = damaged[byte]! ^ 0x80;
+    const { entries, end } = decodeLog(damaged);
+    assert.equal(entries.length, 3, `byte ${byte}`);
+    assert.equal(end.kind, 'torn', `byte ${byte}`);
+  }
+});
+
+test('a sequence gap or duplicate is corruption even when every entry checks out', () => {
+  const gap = encodeAll([sample(1, ENTRY_TYPE.ZERO, 0), sample(3, ENTRY_TYPE.ZERO, 0)]);
+  assert.equal(decodeLog(gap).end.kind, 'corrupt');
+  const duplicate = encodeAll([sample(5, ENTRY_TYPE.ZERO, 0), sample(5, ENTRY_TYPE.ZERO, 0)]);
+  assert.equal(decodeLog(duplicate).end.kind, 'corrupt');
+  assert.equal(decodeLog(encodeAll([sample(5, ENTRY_TYPE.ZERO, 0)]), { firstSequence: 4 }).end.kind, 'corrupt');
+});
+
+test('a torn entry whose payload holds a copy of a log is still a torn tail', () => {
+  // A guest may store a mirrorsan log on its volume: entry-shaped bytes inside a payload
+  // must not turn a torn tail into a false corruption.
+  const nested = encodeAll([sample(10, ENTRY_TYPE.WRITE, 16), sample(11, ENTRY_TYPE.WRITE, 16)]);
+  const carrier: Sample = {
+    entry: { type: ENTRY_TYPE.WRITE, flags: 0, sourceId: 1, sequence: 2, offset: 0, lengthBytes: nested.length + 100 },
+    payload: Buffer.concat([nested, Buffer.alloc(100, 0xee)]),
+  };
+  const log = encodeAll([sample(1, ENTRY_TYPE.ZERO, 0), carrier]);
+  const damaged = Buffer.from(log);
+  damaged[log.length - 1] = damaged[log.length - 1]! ^ 1; // payload crc now fails; the header is intact
+  assert.equal(decodeLog(damaged).end.kind, 'torn');
+  assert.equal(decodeLog(log.subarray(0, log.length - 50)).end.kind, 'torn');
+});
+
+const entryArb = fc
+  .record({
+    type: fc.constantFrom<EntryType>(ENTRY_TYPE.WRITE, ENTRY_TYPE.ZERO, ENTRY_TYPE.TRIM),
+    flags: fc.integer({ min: 0, max: 0xffff }),
+    sourceId: fc.integer({ min: 0, max: 0xffff_ffff }),
+    offset: fc.integer({ min: 0, max: 2 ** 40 }),
+    length: fc.integer({ min: 1, max: 300 }),
+    fill: fc.integer({ min: 0, max: 255 }),
+  })
+  .map((r) => r);
+
+test('fast-check: random bytes never throw anything but MirrorsanError', () => {
+  fc.assert(
+    fc.property(fc.uint8Array({ maxLength: 400 }), fc.integer({ min: 1, max: 64 }), (bytes, chunkBytes) => {
+      const buf = Buffer.from(bytes);
+      try {
+        decodeLog(buf);
+        for (let at = 0; at < buf.length; at += 7) decodeEntryAt(buf, at);
+        const decoder = new EntryStreamDecoder();
+        for (let at = 0; at < buf.length; at += chunkBytes) {
+          decoder.push(buf.subarray(at, at + chunkBytes));
+          while (decoder.next().status === 'entry');
+        }
+      } catch (error) {
+        if (!isMirrorsanError(error)) throw error;
+      }
+    }),
+    { numRuns: 2000 },
+  );
+});
+
+test('fast-check: random bytes spliced into a valid log never decode as extra entries', () => {
+  fc.assert(
+    fc.property(fc.array(entryArb, { minLength: 1, maxLength: 6 }), fc.uint8Array({ minLength: 1, maxLength: 80 }), (records, junk) => {
+      const samples = records.map((r, i): Sample => {
+        const payload = r.type === ENTRY_TYPE.WRITE ? Buffer.alloc(r.length, r.fill) : Buffer.alloc(0);
+        return { entry: { type: r.type, flags: r.flags, sourceId: r.sourceId, sequence: i + 1, offset: r.offset, lengthBytes: r.length }, payload };
+      });
+      const log = Buffer.concat([encodeAll(samples), Buffer.from(junk)]);
+      const { entries, end } = decodeLog(log);
+      assert.deepEqual(entries.map((e) => e.entry), samples.map((s) => s.entry));
+      assert.notEqual(end.kind, 'clean');
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('fast-check: a valid log cut at any byte decodes to the prefix of whole entries', () => {
+  fc.assert(
+    fc.property(
+      fc.array(entryArb, { minLength: 1, maxLength: 8 }),
+      fc.integer({ min: 1, max: 2 ** 40 }),
+      fc.double({ min: 0, max: 1, noNaN: true }),
+      (records, firstSequence, cutFraction) => {
+        const samples = records.map((r, i): Sample => {
+          const payload = r.type === ENTRY_TYPE.WRITE ? Buffer.alloc(r.length, r.fill) : Buffer.alloc(0);
+          return {
+            entry: { type: r.type, flags: r.flags, sourceId: r.sourceId, sequence: firstSequence + i, offset: r.offset, lengthBytes: r.length },
+            payload,
+          };
+        });
+        const log = encodeAll(samples);
+        const cut = Math.floor(cutFraction * log.length);
+        const ends = boundaries(samples);
+        const whole = ends.filter((b) => b <= cut).length - 1;
+        const { entries, end } = decodeLog(log.subarray(0, cut), { firstSequence });
+        assert.deepEqual(entries.map((e) => e.entry), samples.slice(0, whole).map((s) => s.entry));
+        entries.forEach((e, i) => assert.deepEqual(e.payload, samples[i]!.payload));
+        assert.equal(end.kind, ends.includes(cut) ? 'clean' : 'torn');
+      },
+    ),
+    { numRuns: 500 },
+  );
+});

@@ -1,0 +1,149 @@
+// A node's configuration: validated once, limits derived, then frozen (fastify's habit). The
+// file is what `mirrorsan up` writes and `mirrorsan node --config FILE` reads back, so a node
+// killed with SIGKILL restarts from exactly what it ran with.
+import { MirrorsanError } from '../errors.js';
+import { parseSize } from '../util/size.js';
+
+export interface Endpoint {
+  host: string;
+  port: number;
+}
+
+export interface VolumeConfig {
+  name: string;
+  sizeBytes: number;
+  description: string;
+  readOnly: boolean;
+}
+
+export interface TlsConfig {
+  certFile: string;
+  keyFile: string;
+  /** Refuse every export until the client has done STARTTLS. */
+  required: boolean;
+}
+
+export interface NodeConfig {
+  id: string;
+  /** Where this node keeps its volumes: DATA_DIR/volumes/NAME/. */
+  dataDir: string;
+  nbd: Endpoint;
+  /** Node-to-node traffic; may sit on a dedicated interface (DESIGN.md §1 A3). */
+  peer: Endpoint;
+  admin: Endpoint;
+  volumes: VolumeConfig[];
+  tls: TlsConfig | null;
+  checkpointLogBytes: number;
+  checkpointIntervalMs: number;
+  /** libuv thread pool size: file I/O parallelism. */
+  threadPoolSize: number;
+}
+
+const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const NODE_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$/;
+
+function fail(message: string): never {
+  throw new MirrorsanError('CONFIG_INVALID', message);
+}
+
+function asObject(value: unknown, what: string): Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) fail(`${what} must be an object`);
+  return value as Record<string, unknown>;
+}
+
+function asString(value: unknown, what: string): string {
+  if (typeof value !== 'string' || value.length === 0) fail(`${what} must be a non-empty string`);
+  return value;
+}
+
+function asPort(value: unknown, what: string): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 65535) {
+    fail(`${what} must be a port number 0..65535, got ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
+/** Accepts a number of bytes or a size string ("1GiB"). */
+function asSize(value: unknown, what: string): number {
+  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) return value;
+  if (typeof value === 'string') return parseSize(value);
+  fail(`${what} must be a size (bytes or a string like "1GiB"), got ${JSON.stringify(value)}`);
+}
+
+function asEndpoint(value: unknown, what: string): Endpoint {
+  const object = asObject(value, what);
+  return Object.freeze({ host: asString(object.host ?? '127.0.0.1', `${what}.host`), port: asPort(object.port, `${what}.port`) });
+}
+
+export function validateVolumeName(name: string): string {
+  if (!VOLUME_NAME.test(name)) {
+    fail(`volume name "${name}" must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit`);
+  }
+  return name;
+}
+
+export const VOLUME_SIZE_MIN_BYTES = 1024 * 1024;
+export const VOLUME_SIZE_MAX_BYTES = 2 ** 50; // 1 PiB: offsets stay exact JavaScript numbers
+
+export function validateVolumeSize(sizeBytes: number, name: string): number {
+  if (sizeBytes < VOLUME_SIZE_MIN_BYTES || sizeBytes > VOLUME_SIZE_MAX_BYTES) {
+    fail(`volume ${name}: size ${sizeBytes} bytes is outside 1MiB..1PiB`);
+  }
+  if (sizeBytes % 4096 !== 0) fail(`volume ${name}: size ${sizeBytes} must be a multiple of 4096 bytes`);
+  return sizeBytes;
+}
+
+export function parseNodeConfig(raw: unknown): NodeConfig {
+  const object = asObject(raw, 'node config');
+  const id = asString(object.id, 'id');
+  if (!NODE_ID.test(id)) fail(`node id "${id}" must be 1-32 letters, digits, '_' or '-'`);
+  const volumesRaw = object.volumes ?? [];
+  if (!Array.isArray(volumesRaw)) fail('volumes must be an array');
+  const names = new Set<string>();
+  const volumes = volumesRaw.map((entry, index) => {
+    const volume = asObject(entry, `volumes[${index}]`);
+    const name = validateVolumeName(asString(volume.name, `volumes[${index}].name`));
+    if (names.has(name)) fail(`volume ${name} is listed twice`);
+    names.add(name);
+    return Object.freeze({
+      name,
+      sizeBytes: validateVolumeSize(asSize(volume.sizeBytes ?? volume.size, `volumes[${index}].sizeBytes`), name),
+      description: typeof volume.description === 'string' ? volume.description : `mirrorsan volume ${name}`,
+      readOnly: volume.readOnly === true,
+    });
+  });
+  let tls: TlsConfig | null = null;
+  if (object.tls !== undefined && object.tls !== null) {
+    const tlsObject = asObject(object.tls, 'tls');
+    tls = Object.freeze({
+      certFile: asString(tlsObject.certFile, 'tls.certFile'),
+      keyFile: asString(tlsObject.keyFile, 'tls.keyFile'),
+      required: tlsObject.required === true,
+    });
+  }
+  const threadPoolSize = object.threadPoolSize ?? 16;
+  if (typeof threadPoolSize !== 'number' || !Number.isInteger(threadPoolSize) || threadPoolSize < 4 || threadPoolSize > 1024) {
+    fail('threadPoolSize must be an integer 4..1024');
+  }
+  const checkpointIntervalMs = object.checkpointIntervalMs ?? 30_000;
+  if (typeof checkpointIntervalMs !== 'number' || !Number.isInteger(checkpointIntervalMs) || checkpointIntervalMs < 100) {
+    fail('checkpointIntervalMs must be an integer >= 100');
+  }
+  return Object.freeze({
+    id,
+    dataDir: asString(object.dataDir, 'dataDir'),
+    nbd: asEndpoint(object.nbd, 'nbd'),
+    peer: asEndpoint(object.peer, 'peer'),
+    admin: asEndpoint(object.admin, 'admin'),
+    volumes: Object.freeze(volumes) as VolumeConfig[],
+    tls,
+    checkpointLogBytes: asSize(object.checkpointLogBytes ?? 256 * 1024 * 1024, 'checkpointLogBytes'),
+    checkpointIntervalMs,
+    threadPoolSize,
+  });
+}
+
+/** The ports of node i under `mirrorsan up --base-port P` (documented in the README). */
+export function portsForNode(basePort: number, index: number): { nbd: number; peer: number; admin: number } {
+  return { nbd: basePort + index, peer: basePort + 100 + index, admin: basePort + 200 + index };
+}
