@@ -27,6 +27,11 @@ export const ERROR_CODES = {
   STORE_RANGE: 'a store request falls outside the volume',
   VOLUME_NOT_FOUND: 'no volume by that name',
   VOLUME_BUSY: 'the volume has too many requests in flight',
+  // Cluster coordinator (src/cluster/)
+  COORD_UNAVAILABLE: 'the coordinator (etcd, or the embedded directory) did not answer in time or failed',
+  COORD_CORRUPT: 'a coordinator entry could not be parsed or breaks its invariants',
+  COORD_CLOSED: 'the coordinator client is closed',
+  COORD_NODE_ID_TAKEN: 'another live registration holds this node id and its lease did not expire in time',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

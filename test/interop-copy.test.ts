@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import {
-  allocatedBytes, fioNbd, makeSparseImage, nbdinfoMap, run, runOk, sha256File, startUp, withServerLog,
+  FIO_NO_STATE_FILES, allocatedBytes, fioNbd, makeSparseImage, nbdinfoMap, run, runOk, sha256File, startUp, withServerLog,
 } from './helpers/index.js';
 import type { ByteRange, UpCluster } from './helpers/index.js';
 
@@ -79,10 +79,22 @@ describe('nbdcopy and fio against mirrorsan', () => {
     assert.equal(verify.jobs[0]!.read.io_bytes, 8 * MiB, 'verify pass did not read the whole region');
   }));
 
+  it('fio: 4 jobs on 4 connections write and verify their own regions concurrently', withServerLog(log, async () => {
+    const report = await fioNbd(uri(), [
+      '--name=parallel', '--rw=randwrite', '--bs=16k', '--iodepth=8', '--numjobs=4', '--offset=48M', '--size=4M', '--offset_increment=4M',
+      '--verify=crc32c', '--verify_fatal=1', '--do_verify=1',
+    ]);
+    assert.equal(report.jobs.length, 4);
+    for (const job of report.jobs) {
+      assert.equal(job.write.io_bytes, 4 * MiB, `job ${job.jobname} wrote ${job.write.io_bytes}`);
+      assert.equal(job.read.io_bytes, 4 * MiB, `job ${job.jobname} verified ${job.read.io_bytes}`);
+    }
+  }));
+
   it('fio verify fails once a block is overwritten behind its back (the check is live)', withServerLog(log, async () => {
     await runOk('qemu-io', ['-f', 'raw', uri(), '-c', `write -P 0x00 ${40 * MiB + 5 * 4096} 4k`]);
-    const args = ['--ioengine=nbd', `--uri=${uri()}`, '--name=randwrite', '--rw=randwrite', '--verify_only', ...fioRegion];
-    const result = await run('fio', args, { timeoutMs: 60_000 });
+    const args = ['--ioengine=nbd', `--uri=${uri()}`, ...FIO_NO_STATE_FILES, '--name=randwrite', '--rw=randwrite', '--verify_only', ...fioRegion];
+    const result = await run('fio', args, { timeoutMs: 60_000, cwd: cluster.workDir });
     assert.notEqual(result.code, 0, `fio verify passed over a corrupted block:\n${result.stdout}`);
     assert.match(result.stdout + result.stderr, /verify|bad/i);
   }));

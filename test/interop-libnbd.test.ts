@@ -1,4 +1,4 @@
-// Proves mirrorsan handles libnbd's negotiation corners: simple replies only, handshake flags 0 (EXPORT_NAME), out-of-range errors, 64 requests in flight, and base:allocation block status.
+// Proves mirrorsan handles libnbd's negotiation and command corners: simple replies only, handshake flags 0 (EXPORT_NAME), out-of-range errors, 64 requests in flight, base:allocation block status, DF/CACHE/FAST_ZERO/NO_HOLE and invalid flags.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { runPythonFixture, startUp, withServerLog } from './helpers/index.js';
@@ -12,6 +12,7 @@ const CASES: Array<{ name: string; offsetBytes: number; what: string }> = [
   { name: 'out-of-range', offsetBytes: 5 * MiB, what: 'out-of-range requests get EINVAL (read, trim) and ENOSPC (write), connection survives' },
   { name: 'inflight-64', offsetBytes: 7 * MiB, what: '64 writes and 64 reads in flight on one connection all complete correctly' },
   { name: 'block-status', offsetBytes: 9 * MiB, what: 'block status with base:allocation: data, trimmed zeros, REQ_ONE' },
+  { name: 'command-flags', offsetBytes: 11 * MiB, what: 'DF gives one chunk; CACHE, FAST_ZERO, NO_HOLE, FUA on READ accepted; bad flags and misalignment get EINVAL' },
 ];
 
 describe('libnbd negotiation corners (python3-libnbd)', () => {

@@ -91,6 +91,13 @@ interface PendingRotate {
 
 type QueueItem = PendingAppend | PendingRotate;
 
+/** An older segment whose tail may not be durable yet: its fd stays open for the next sync. */
+interface UnsyncedSegment {
+  fd: number;
+  firstSequence: number;
+  lastSequence: number;
+}
+
 interface SyncWaiter {
   sequence: number;
   resolve: () => void;
@@ -131,6 +138,10 @@ export class WriteAheadLog {
   private syncWaiters: SyncWaiter[] = [];
   private syncInFlight: Promise<void> | undefined;
   private rotating = false;
+  /** Rotated-out segments not yet made durable (a sync round covers them too). */
+  private unsynced: UnsyncedSegment[] = [];
+  /** A segment was created since the last directory fsync. */
+  private dirSyncNeeded = false;
 
   private syncCount = 0;
   private batchCount = 0;
@@ -236,9 +247,9 @@ export class WriteAheadLog {
   }
 
   /**
-   * Ends the active segment after every entry appended so far (fdatasync'ed) and starts a
-   * new one; resolves with the last sequence of the old segments. A no-op when the active
-   * segment is empty.
+   * Ends the active segment after every entry appended so far and starts a new one;
+   * resolves with the last sequence of the old segments. A no-op when the active segment is
+   * empty. The old segment is not synced here: the next sync() covers it.
    */
   rotate(): Promise<number> {
     assert(this.ready, 'wal: replay() must run before rotate()');
@@ -247,7 +258,12 @@ export class WriteAheadLog {
     return new Promise<number>((resolve, reject) => this.enqueue({ kind: 'rotate', sizeBytes: 0, resolve, reject }));
   }
 
-  /** Deletes the segments whose entries all have sequences <= `sequence`; returns how many. */
+  /**
+   * Deletes the segments whose entries all have sequences <= `sequence` (the caller made
+   * them durable elsewhere: a checkpoint); returns how many. The deletions need no
+   * directory fsync: a segment that reappears after a crash lies below the checkpoint and
+   * replay skips it unread.
+   */
   async dropSegmentsUpTo(sequence: number): Promise<number> {
     const victims: Segment[] = [];
     // The active segment is never dropped: it receives the next entries.
@@ -255,8 +271,13 @@ export class WriteAheadLog {
       victims.push(this.segments.shift()!);
     }
     if (victims.length === 0) return 0;
+    // Out of the next sync rounds now; closed once a round that may use them has ended.
+    const firstKept = this.segments[0]!.firstSequence;
+    const dropped = this.unsynced.filter((old) => old.firstSequence < firstKept);
+    this.unsynced = this.unsynced.filter((old) => old.firstSequence >= firstKept);
+    await this.syncInFlight;
+    for (const old of dropped) await closeFd(old.fd);
     for (const segment of victims) await fs.promises.rm(segment.file, { force: true });
-    await fsyncDir(this.dir);
     return victims.length;
   }
 
@@ -305,6 +326,7 @@ export class WriteAheadLog {
     this.closed = true;
     await this.writerIdle;
     await this.syncInFlight;
+    for (const old of this.unsynced.splice(0)) await closeFd(old.fd);
     if (this.fd >= 0) {
       const fd = this.fd;
       this.fd = -1;
@@ -424,19 +446,18 @@ export class WriteAheadLog {
   }
 
   private async rotateActiveSegment(): Promise<void> {
-    await this.syncInFlight;
     const segment = this.activeSegment();
     if (segment.sizeBytes === 0) return;
-    // The old segment must be durable before the new one exists: recovery treats a bad
-    // entry in any segment but the last as corruption, never as a torn tail.
-    if (this.writtenSequence > this.durableSequence) {
-      await fdatasync(this.fd);
-      this.syncCount++;
-      this.markDurable(this.writtenSequence);
-    }
-    const oldFd = this.fd;
+    // No fdatasync here: a checkpoint rotates and then drops the old segment once the image
+    // is durable, and forcing the log to disk first would double the disk writes of every
+    // checkpoint for nothing. The old segment joins the next sync round instead (before any
+    // entry after it is acknowledged durable), so "acknowledged durable" still implies
+    // "every earlier segment complete on disk".
+    const old: UnsyncedSegment = { fd: this.fd, firstSequence: segment.firstSequence, lastSequence: this.writtenSequence };
     this.fd = -1;
-    await closeFd(oldFd);
+    // Nothing newer than durableSequence in it means no sync round is using it either.
+    if (old.lastSequence > this.durableSequence) this.unsynced.push(old);
+    else await closeFd(old.fd);
     await this.createSegment(this.writtenSequence + 1);
   }
 
@@ -444,9 +465,9 @@ export class WriteAheadLog {
     const file = path.join(this.dir, segmentFileName(firstSequence));
     this.fd = await openFd(file, 'wx');
     this.segments.push({ firstSequence, file, sizeBytes: 0 });
-    // The directory entry must be durable, or a later fdatasync of the file would not
-    // keep it across a power loss.
-    await fsyncDir(this.dir);
+    // Its directory entry must be durable before its data is called durable: the next
+    // sync round fsyncs the directory too.
+    this.dirSyncNeeded = true;
   }
 
   // ---- syncing ---------------------------------------------------------------------
@@ -464,7 +485,13 @@ export class WriteAheadLog {
     // would not cover them.
     if (!satisfiable) return;
     const covered = this.writtenSequence;
-    this.syncInFlight = fdatasync(this.fd).then(
+    const work: Promise<void>[] = [fdatasync(this.fd)];
+    for (const old of this.unsynced) work.push(fdatasync(old.fd));
+    if (this.dirSyncNeeded) {
+      this.dirSyncNeeded = false;
+      work.push(fsyncDir(this.dir));
+    }
+    this.syncInFlight = Promise.all(work).then(
       () => {
         this.syncCount++;
         this.syncInFlight = undefined;
@@ -480,6 +507,16 @@ export class WriteAheadLog {
 
   private markDurable(sequence: number): void {
     if (sequence > this.durableSequence) this.durableSequence = sequence;
+    // Old segments now wholly durable need their fds no more (no round is running).
+    const stillUnsynced: UnsyncedSegment[] = [];
+    for (const old of this.unsynced) {
+      if (old.lastSequence <= this.durableSequence) {
+        closeFd(old.fd).catch((error: unknown) => this.logger.warn('wal: closing a segment failed', { error: String(error) }));
+      } else {
+        stillUnsynced.push(old);
+      }
+    }
+    this.unsynced = stillUnsynced;
     const still: SyncWaiter[] = [];
     for (const waiter of this.syncWaiters) {
       if (waiter.sequence <= this.durableSequence) waiter.resolve();
@@ -543,7 +580,10 @@ export class WriteAheadLog {
           continue;
         }
         // A bad or incomplete entry: a torn tail if nothing valid follows it, and only in
-        // the last segment (older ones were fdatasync'ed before the next one was created).
+        // the last segment. Every sync round covers the older segments too, so no entry of a
+        // later segment was acknowledged durable before an older one was complete on disk;
+        // a bad older segment next to newer data is therefore treated as corruption, the
+        // rule for "an invalid entry followed by valid data" (I5).
         const reason = step.status === 'incomplete' ? 'incomplete entry' : step.reason;
         const scanFrom = step.headerTrusted && step.status === 'invalid' ? at + step.sizeBytes : at + 1;
         const validAt = step.status === 'incomplete' ? -1 : await reader.findValidHeader(scanFrom, expected - 1);

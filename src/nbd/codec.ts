@@ -123,6 +123,10 @@ export interface OptionParserOptions {
   expectClientFlags: boolean;
 }
 
+function checkOptionMagic(magic: bigint): void {
+  if (magic !== MAGIC.IHAVEOPT) throw new MirrorsanError('NBD_BAD_MAGIC', `option request magic 0x${magic.toString(16)} is not IHAVEOPT`);
+}
+
 /** [NBD: Newstyle negotiation] client flags, then option requests: IHAVEOPT, option, length, data. */
 export class OptionParser {
   private readonly queue: ChunkQueue;
@@ -155,12 +159,15 @@ export class OptionParser {
       return { kind: 'clientFlags', flags };
     }
     if (this.pendingOption < 0) {
-      if (queue.length < FRAME_BYTES.OPTION_HEADER) return undefined;
-      const { buffer, at } = headerView(queue, this.scratch, FRAME_BYTES.OPTION_HEADER);
-      const magic = buffer.readBigUInt64BE(at);
-      if (magic !== MAGIC.IHAVEOPT) {
-        throw new MirrorsanError('NBD_BAD_MAGIC', `option request magic 0x${magic.toString(16)} is not IHAVEOPT`);
+      if (queue.length < FRAME_BYTES.OPTION_HEADER) {
+        if (queue.length >= 8) {
+          queue.peek(this.scratch, 0, 8);
+          checkOptionMagic(this.scratch.readBigUInt64BE(0));
+        }
+        return undefined;
       }
+      const { buffer, at } = headerView(queue, this.scratch, FRAME_BYTES.OPTION_HEADER);
+      checkOptionMagic(buffer.readBigUInt64BE(at));
       const option = buffer.readUInt32BE(at + 8);
       const lengthBytes = buffer.readUInt32BE(at + 12);
       if (lengthBytes > this.optionDataBytesMax) {
@@ -244,16 +251,17 @@ export class RequestParser {
     let request = this.pending;
     if (request === undefined) {
       const queue = this.queue;
-      if (queue.length < this.headerBytes) return undefined;
-      const { buffer, at } = headerView(queue, this.scratch, this.headerBytes);
-      const magic = buffer.readUInt32BE(at);
-      const expected = this.extendedHeaders ? MAGIC.EXTENDED_REQUEST : MAGIC.REQUEST;
-      if (magic !== expected) {
-        throw new MirrorsanError(
-          'NBD_BAD_MAGIC',
-          `request magic 0x${magic.toString(16)} is not 0x${expected.toString(16)} (${this.extendedHeaders ? 'extended' : 'compact'} headers)`,
-        );
+      if (queue.length < this.headerBytes) {
+        // Refuse a wrong magic as soon as it is visible rather than waiting for a full header
+        // that a confused peer (say, one still sending options) may never send.
+        if (queue.length >= 4) {
+          queue.peek(this.scratch, 0, 4);
+          this.checkMagic(this.scratch.readUInt32BE(0));
+        }
+        return undefined;
       }
+      const { buffer, at } = headerView(queue, this.scratch, this.headerBytes);
+      this.checkMagic(buffer.readUInt32BE(at));
       const flags = buffer.readUInt16BE(at + 4);
       const type = buffer.readUInt16BE(at + 6);
       const cookie = buffer.readBigUInt64BE(at + 8);
@@ -279,6 +287,16 @@ export class RequestParser {
     if (payload === EMPTY) request.payloadDiscarded = true;
     else request.payload = payload;
     return request;
+  }
+
+  private checkMagic(magic: number): void {
+    const expected = this.extendedHeaders ? MAGIC.EXTENDED_REQUEST : MAGIC.REQUEST;
+    if (magic !== expected) {
+      throw new MirrorsanError(
+        'NBD_BAD_MAGIC',
+        `request magic 0x${magic.toString(16)} is not 0x${expected.toString(16)} (${this.extendedHeaders ? 'extended' : 'compact'} headers)`,
+      );
+    }
   }
 }
 

@@ -280,6 +280,7 @@ test('checkpoints taken under concurrent writes lose nothing; the log size trigg
   assert.ok(stats.checkpoints >= 2, `${stats.checkpoints} checkpoints`);
   assert.equal(stats.checkpointSequence, 400);
   assert.equal(stats.walBytes, 0);
+  const fdsBefore = fs.readdirSync('/proc/self/fd').length;
   // Each time the log passes 256 KiB a checkpoint starts by itself and empties it.
   for (let round = 0; round < 4; round++) {
     const before = volume.stats().checkpoints;
@@ -288,6 +289,9 @@ test('checkpoints taken under concurrent writes lose nothing; the log size trigg
     while (volume.stats().checkpoints === before && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 2));
     assert.ok(volume.stats().checkpoints > before, `round ${round}: the log size triggered a checkpoint`);
   }
+  await volume.checkpoint(); // joins a running one, if any
+  await volume.checkpoint();
+  assert.ok(fs.readdirSync('/proc/self/fd').length <= fdsBefore, 'dropped segments leave no open descriptors');
   for (let i = 0; i < 32; i++) model.fill(i + 1, 8 * MiB + i * 65536, 8 * MiB + (i + 1) * 65536);
   assert.ok((await readBytes(volume, 0, model.length)).equals(model));
   await volume.flush();

@@ -47,6 +47,7 @@ const READ_RUNS_PER_PREAD_MAX = 8;
 /** At most this many extents per BLOCK_STATUS answer (it may cover less than asked). */
 const BLOCK_STATUS_EXTENTS_MAX = 65_536;
 const CHECKPOINT_FORMAT = 1;
+const EMPTY = Buffer.alloc(0);
 
 export interface LocalVolumeOptions {
   dir: string;
@@ -117,7 +118,7 @@ export class LocalVolume implements BlockDevice {
   private readonly map: AllocationMap;
   private readonly wal: WriteAheadLog;
   private readonly locks = new RangeLock();
-  private readonly zeroBlock: Buffer;
+  private readonly applier: VolumeApplier;
   private readonly checkpointLogBytes: number;
   private readonly timer: NodeJS.Timeout | undefined;
 
@@ -131,6 +132,7 @@ export class LocalVolume implements BlockDevice {
   private checkpointCount = 0;
   private failure: MirrorsanError | undefined;
   private closed = false;
+  private closing: Promise<void> | undefined;
 
   private constructor(init: {
     options: LocalVolumeOptions;
@@ -154,7 +156,7 @@ export class LocalVolume implements BlockDevice {
     this.image = init.image;
     this.map = init.map;
     this.wal = init.wal;
-    this.zeroBlock = Buffer.alloc(init.blockSizeBytes);
+    this.applier = new VolumeApplier(init.image, init.map, init.blockSizeBytes);
     this.checkpointLogBytes = options.checkpointLogBytes ?? DEFAULT_CHECKPOINT_LOG_BYTES;
     this.checkpointSequence = init.checkpointSequence;
     this.sequence = init.lastSequence;
@@ -212,8 +214,8 @@ export class LocalVolume implements BlockDevice {
     }
 
     const wal = await WriteAheadLog.open({ dir: files.wal, logger: logger.child('wal') });
+    const replayer = new Replayer(options.sizeBytes, record.blockSizeBytes);
     try {
-      const replayer = new Replayer(options.sizeBytes, record.blockSizeBytes);
       const applier = new VolumeApplier(image, map, record.blockSizeBytes);
       const result = await wal.replay(record.seq, (entry, payload) => replayer.apply(entry, payload, applier));
       await replayer.finish();
@@ -237,6 +239,8 @@ export class LocalVolume implements BlockDevice {
       logger.info('volume opened', { name: options.name, lastSequence: result.lastSequence, ...recovery });
       return volume;
     } catch (error) {
+      // Let replayed writes still in flight finish before their file descriptor goes away.
+      await replayer.finish().catch(() => undefined);
       await wal.close().catch(() => undefined);
       await image.close().catch(() => undefined);
       throw error;
@@ -269,7 +273,7 @@ export class LocalVolume implements BlockDevice {
       const stop = Math.min(end, (run.firstBlock + run.blockCount) * bs);
       if (run.allocated) {
         dataRuns.push({ start, end: stop, index: pieces.length });
-        pieces.push({ offset: start, kind: 'data', data: this.zeroBlock.subarray(0, 0) });
+        pieces.push({ offset: start, kind: 'data', data: EMPTY }); // filled in below
       } else {
         pieces.push({ offset: start, kind: 'zero', length: stop - start });
       }
@@ -368,9 +372,13 @@ export class LocalVolume implements BlockDevice {
     };
   }
 
-  /** Checkpoints (unless the volume failed) and closes its files. */
-  async close(): Promise<void> {
-    if (this.closed) return;
+  /** Checkpoints (unless the volume failed) and closes its files. Idempotent. */
+  close(): Promise<void> {
+    this.closing ??= this.closeOnce();
+    return this.closing;
+  }
+
+  private async closeOnce(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     if (!this.failure) {
       try {
@@ -434,7 +442,7 @@ export class LocalVolume implements BlockDevice {
     }
     this.sequence = sequence;
     this.inflight++;
-    const applier = this.applier();
+    const applier = this.applier;
     const applied = lease.ready ? lease.ready.then(() => apply(applier, logged)) : apply(applier, logged);
     const [logResult, applyResult] = await Promise.allSettled([logged, applied]);
     lease.release();
@@ -443,12 +451,6 @@ export class LocalVolume implements BlockDevice {
     if (logResult.status === 'rejected') throw this.noteFailure(logResult.reason);
     if (fua) await this.wal.sync(sequence);
     if (this.wal.bytes >= this.checkpointLogBytes && !this.checkpointRunning) this.backgroundCheckpoint('log size');
-  }
-
-  private applierCache: VolumeApplier | undefined;
-  private applier(): VolumeApplier {
-    this.applierCache ??= new VolumeApplier(this.image, this.map, this.blockSizeBytes);
-    return this.applierCache;
   }
 
   private endRequest(): void {

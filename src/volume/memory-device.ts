@@ -3,15 +3,33 @@
 // exact: a block never written (or trimmed) is a hole, a block zeroed with NO_HOLE is
 // allocated-but-zero, anything else is data. Writes are visible to every caller at once, so
 // FLUSH and FUA are no-ops and multi-conn is safe.
+//
+// Bytes live in 1 MiB slabs at fixed positions (slab i always holds [i MiB, i+1 MiB)), so a
+// 1 GiB device is ~1000 objects for the garbage collector rather than 262144, and a read can
+// return views of the slabs instead of copies. A view can only ever show bytes of its own
+// range: a write that overlaps a READ still in flight may show through, which NBD leaves
+// undefined for concurrent overlapping requests, exactly as on a real disk.
 import { MirrorsanError, assert } from '../errors.js';
 import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from './device.js';
 
 /** Allocation granularity: holes and extents are reported in units of this. */
 export const MEMORY_BLOCK_BYTES = 4096;
+const BLOCKS_PER_SLAB = 256;
+const SLAB_BYTES = MEMORY_BLOCK_BYTES * BLOCKS_PER_SLAB;
 
-/** Marks a block that is allocated and reads as zeros without holding a buffer. */
-const ZERO_BLOCK = Symbol('zero block');
-type BlockEntry = Buffer | typeof ZERO_BLOCK;
+/** Per-block state. */
+const HOLE = 0;
+const ZERO = 1;
+const DATA = 2;
+type BlockState = typeof HOLE | typeof ZERO | typeof DATA;
+
+interface Slab {
+  /** Block states; a slab whose blocks are all holes is dropped. */
+  state: Uint8Array;
+  allocatedBlocks: number;
+  /** Zero-filled when created; bytes of blocks that are not DATA are meaningless. */
+  bytes: Buffer | undefined;
+}
 
 /** BLOCK_STATUS looks at no more than this many blocks per call (1 GiB); callers ask again. */
 const STATUS_BLOCKS_PER_CALL_MAX = 1 << 18;
@@ -52,8 +70,7 @@ export class MemoryDevice implements BlockDevice {
   readonly counters: MemoryDeviceCounters = { reads: 0, writes: 0, fuaWrites: 0, zeroes: 0, trims: 0, flushes: 0, caches: 0 };
   private readonly geometryValue: DeviceGeometry;
   private readonly fastZero: boolean;
-  /** Allocated blocks by index; a missing index is a hole. */
-  private readonly blocks = new Map<number, BlockEntry>();
+  private readonly slabs = new Map<number, Slab>();
 
   constructor(options: MemoryDeviceOptions) {
     const geometry: DeviceGeometry = {
@@ -98,19 +115,18 @@ export class MemoryDevice implements BlockDevice {
     const end = offset + length;
     let position = offset;
     while (position < end) {
-      const data = this.blocks.get(Math.floor(position / MEMORY_BLOCK_BYTES)) instanceof Buffer;
-      const runEnd = this.runEnd(position, end, (entry) => entry instanceof Buffer === data);
-      if (!data) {
-        pieces.push({ offset: position, kind: 'zero', length: runEnd - position });
+      const data = this.stateAt(position) === DATA;
+      // Data runs stop at slab boundaries: each piece is a view of one slab.
+      const runEnd = this.runEnd(position, end, (state) => (state === DATA) === data, data);
+      if (data) {
+        const slab = this.slabs.get(Math.floor(position / SLAB_BYTES));
+        assert(slab?.bytes !== undefined, 'data block without slab bytes');
+        const within = position % SLAB_BYTES;
+        pieces.push({ offset: position, kind: 'data', data: slab.bytes.subarray(within, within + runEnd - position) });
       } else {
-        // One buffer per data run, copied out so a later write cannot change bytes in flight.
-        const buffer = Buffer.allocUnsafe(runEnd - position);
-        this.forEachSegment(position, runEnd - position, (index, within, count, at) => {
-          const entry = this.blocks.get(index);
-          assert(entry instanceof Buffer, 'data run crosses a block without data');
-          entry.copy(buffer, at, within, within + count);
-        });
-        pieces.push({ offset: position, kind: 'data', data: buffer });
+        const last = pieces[pieces.length - 1];
+        assert(last === undefined || last.kind === 'data', 'two zero pieces in a row');
+        pieces.push({ offset: position, kind: 'zero', length: runEnd - position });
       }
       position = runEnd;
     }
@@ -122,13 +138,17 @@ export class MemoryDevice implements BlockDevice {
     this.checkRange(offset, data.length);
     this.counters.writes++;
     if (options.fua) this.counters.fuaWrites++;
-    this.forEachSegment(offset, data.length, (index, within, count, at) => {
-      let entry = this.blocks.get(index);
-      if (!(entry instanceof Buffer)) {
-        entry = count === MEMORY_BLOCK_BYTES ? Buffer.allocUnsafe(MEMORY_BLOCK_BYTES) : Buffer.alloc(MEMORY_BLOCK_BYTES);
-        this.blocks.set(index, entry);
-      }
-      data.copy(entry, within, at, at + count);
+    this.forEachSegment(offset, data.length, (slabIndex, within, count, at) => {
+      const slab = this.slab(slabIndex);
+      const bytes = (slab.bytes ??= Buffer.alloc(SLAB_BYTES));
+      this.forEachBlock(slabIndex, within, count, (block, whole) => {
+        if (slab.state[block] !== DATA) {
+          // Bytes of a hole or zero block are stale: zero what this write does not cover.
+          if (!whole) bytes.fill(0, block * MEMORY_BLOCK_BYTES, (block + 1) * MEMORY_BLOCK_BYTES);
+          this.setState(slab, block, DATA);
+        }
+      });
+      data.copy(bytes, within, at, at + count);
     });
   }
 
@@ -140,17 +160,22 @@ export class MemoryDevice implements BlockDevice {
     }
     this.counters.zeroes++;
     if (options.fua) this.counters.fuaWrites++;
-    this.forEachSegment(offset, length, (index, within, count) => {
-      const entry = this.blocks.get(index);
-      if (count === MEMORY_BLOCK_BYTES || (within === 0 && this.isTailBlock(index, count))) {
-        if (options.mayTrim) this.blocks.delete(index);
-        else this.blocks.set(index, ZERO_BLOCK);
-      } else if (entry instanceof Buffer) {
-        entry.fill(0, within, within + count);
-      } else if (entry === undefined && !options.mayTrim) {
-        // NO_HOLE: the range must end up provisioned; the block reads as zeros either way.
-        this.blocks.set(index, ZERO_BLOCK);
-      }
+    this.forEachSegment(offset, length, (slabIndex, within, count) => {
+      const slab = this.slabs.get(slabIndex);
+      if (slab === undefined && options.mayTrim) return; // all holes already
+      const target = slab ?? this.slab(slabIndex);
+      this.forEachBlock(slabIndex, within, count, (block, whole, blockWithin, blockCount) => {
+        if (whole) {
+          this.setState(target, block, options.mayTrim ? HOLE : ZERO);
+        } else if (target.state[block] === DATA) {
+          const start = block * MEMORY_BLOCK_BYTES + blockWithin;
+          target.bytes?.fill(0, start, start + blockCount);
+        } else if (target.state[block] === HOLE && !options.mayTrim) {
+          // NO_HOLE: the range must end up provisioned; the block reads as zeros either way.
+          this.setState(target, block, ZERO);
+        }
+      });
+      this.dropIfEmpty(slabIndex, target);
     });
   }
 
@@ -160,8 +185,13 @@ export class MemoryDevice implements BlockDevice {
     this.counters.trims++;
     if (options.fua) this.counters.fuaWrites++;
     // [NBD: NBD_CMD_TRIM] the server MAY round inward: only whole blocks are released.
-    this.forEachSegment(offset, length, (index, within, count) => {
-      if (count === MEMORY_BLOCK_BYTES || (within === 0 && this.isTailBlock(index, count))) this.blocks.delete(index);
+    this.forEachSegment(offset, length, (slabIndex, within, count) => {
+      const slab = this.slabs.get(slabIndex);
+      if (slab === undefined) return;
+      this.forEachBlock(slabIndex, within, count, (block, whole) => {
+        if (whole) this.setState(slab, block, HOLE);
+      });
+      this.dropIfEmpty(slabIndex, slab);
     });
   }
 
@@ -181,9 +211,9 @@ export class MemoryDevice implements BlockDevice {
     const extents: Extent[] = [];
     let position = offset;
     while (position < end) {
-      const kind = this.kindOf(this.blocks.get(Math.floor(position / MEMORY_BLOCK_BYTES)));
-      const runEnd = this.runEnd(position, end, (entry) => this.kindOf(entry) === kind);
-      extents.push({ offset: position, length: runEnd - position, hole: kind === 'hole', zero: kind !== 'data' });
+      const state = this.stateAt(position);
+      const runEnd = this.runEnd(position, end, (other) => other === state, false);
+      extents.push({ offset: position, length: runEnd - position, hole: state === HOLE, zero: state !== DATA });
       position = runEnd;
     }
     return extents;
@@ -193,45 +223,107 @@ export class MemoryDevice implements BlockDevice {
   contents(offset: number, length: number): Buffer {
     this.checkRange(offset, length);
     const buffer = Buffer.alloc(length);
-    this.forEachSegment(offset, length, (index, within, count, at) => {
-      const entry = this.blocks.get(index);
-      if (entry instanceof Buffer) entry.copy(buffer, at, within, within + count);
-    });
+    for (let at = 0; at < length; ) {
+      const position = offset + at;
+      const count = Math.min(MEMORY_BLOCK_BYTES - (position % MEMORY_BLOCK_BYTES), length - at);
+      if (this.stateAt(position) === DATA) {
+        const slab = this.slabs.get(Math.floor(position / SLAB_BYTES));
+        const within = position % SLAB_BYTES;
+        slab?.bytes?.copy(buffer, at, within, within + count);
+      }
+      at += count;
+    }
     return buffer;
   }
 
   /** Bytes of storage allocated (blocks that are not holes), a multiple of 4 KiB. */
   allocatedBytes(): number {
-    return this.blocks.size * MEMORY_BLOCK_BYTES;
+    let blocks = 0;
+    for (const slab of this.slabs.values()) blocks += slab.allocatedBlocks;
+    return blocks * MEMORY_BLOCK_BYTES;
   }
 
-  private kindOf(entry: BlockEntry | undefined): 'hole' | 'zero' | 'data' {
-    if (entry === undefined) return 'hole';
-    return entry === ZERO_BLOCK ? 'zero' : 'data';
+  private slab(index: number): Slab {
+    let slab = this.slabs.get(index);
+    if (slab === undefined) {
+      slab = { state: new Uint8Array(BLOCKS_PER_SLAB), allocatedBlocks: 0, bytes: undefined };
+      this.slabs.set(index, slab);
+    }
+    return slab;
   }
 
-  /** First block boundary (or `end`) from `position` where `same` stops holding. */
-  private runEnd(position: number, end: number, same: (entry: BlockEntry | undefined) => boolean): number {
-    let index = Math.floor(position / MEMORY_BLOCK_BYTES) + 1;
-    while (index * MEMORY_BLOCK_BYTES < end && same(this.blocks.get(index))) index++;
-    return Math.min(index * MEMORY_BLOCK_BYTES, end);
+  private setState(slab: Slab, block: number, state: BlockState): void {
+    const before = slab.state[block];
+    if (before === state) return;
+    if (before === HOLE) slab.allocatedBlocks++;
+    if (state === HOLE) slab.allocatedBlocks--;
+    slab.state[block] = state;
   }
 
-  /** True when the block is the device's last and [0, usedBytes) covers all of the device in it. */
-  private isTailBlock(index: number, usedBytes: number): boolean {
-    return index * MEMORY_BLOCK_BYTES + usedBytes === this.geometryValue.sizeBytes;
+  private dropIfEmpty(index: number, slab: Slab): void {
+    if (slab.allocatedBlocks === 0) this.slabs.delete(index);
   }
 
-  /** Calls `visit(blockIndex, offsetWithinBlock, count, offsetWithinRange)` per block touched. */
-  private forEachSegment(offset: number, length: number, visit: (index: number, within: number, count: number, at: number) => void): void {
+  private stateAt(position: number): BlockState {
+    const slab = this.slabs.get(Math.floor(position / SLAB_BYTES));
+    if (slab === undefined) return HOLE;
+    return slab.state[Math.floor((position % SLAB_BYTES) / MEMORY_BLOCK_BYTES)] as BlockState;
+  }
+
+  /**
+   * The first block boundary after `position` (or `end`) where `same` stops holding; with
+   * `slabBound` the run also stops at the next slab boundary.
+   */
+  private runEnd(position: number, end: number, same: (state: BlockState) => boolean, slabBound: boolean): number {
+    const limit = slabBound ? Math.min(end, (Math.floor(position / SLAB_BYTES) + 1) * SLAB_BYTES) : end;
+    let next = (Math.floor(position / MEMORY_BLOCK_BYTES) + 1) * MEMORY_BLOCK_BYTES;
+    while (next < limit) {
+      const slab = this.slabs.get(Math.floor(next / SLAB_BYTES));
+      if (slab === undefined) {
+        // A whole missing slab is holes: step over it at once.
+        if (!same(HOLE)) break;
+        next = (Math.floor(next / SLAB_BYTES) + 1) * SLAB_BYTES;
+        continue;
+      }
+      if (!same(slab.state[Math.floor((next % SLAB_BYTES) / MEMORY_BLOCK_BYTES)] as BlockState)) break;
+      next += MEMORY_BLOCK_BYTES;
+    }
+    return Math.min(next, limit);
+  }
+
+  /** Calls `visit(slabIndex, offsetWithinSlab, count, offsetWithinRange)` per slab touched. */
+  private forEachSegment(offset: number, length: number, visit: (slab: number, within: number, count: number, at: number) => void): void {
     let at = 0;
     while (at < length) {
       const position = offset + at;
-      const index = Math.floor(position / MEMORY_BLOCK_BYTES);
-      const within = position - index * MEMORY_BLOCK_BYTES;
-      const count = Math.min(MEMORY_BLOCK_BYTES - within, length - at);
+      const index = Math.floor(position / SLAB_BYTES);
+      const within = position - index * SLAB_BYTES;
+      const count = Math.min(SLAB_BYTES - within, length - at);
       visit(index, within, count, at);
       at += count;
+    }
+  }
+
+  /**
+   * Calls `visit(block, whole, offsetWithinBlock, count)` for each block of slab `slabIndex`
+   * that [within, within+count) touches; `whole` when the range covers the block (for the
+   * device's last, partial block: covers its part inside the device).
+   */
+  private forEachBlock(
+    slabIndex: number,
+    within: number,
+    count: number,
+    visit: (block: number, whole: boolean, blockWithin: number, blockCount: number) => void,
+  ): void {
+    const deviceEndWithin = this.geometryValue.sizeBytes - slabIndex * SLAB_BYTES;
+    const end = within + count;
+    for (let start = within; start < end; ) {
+      const block = Math.floor(start / MEMORY_BLOCK_BYTES);
+      const blockStart = block * MEMORY_BLOCK_BYTES;
+      const stop = Math.min(blockStart + MEMORY_BLOCK_BYTES, end);
+      const whole = start === blockStart && (stop === blockStart + MEMORY_BLOCK_BYTES || stop === deviceEndWithin);
+      visit(block, whole, start - blockStart, stop - start);
+      start = stop;
     }
   }
 

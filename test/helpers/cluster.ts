@@ -291,7 +291,7 @@ async function startEmulated(workDir: string, options: UpOptions): Promise<UpClu
       exportName: volume,
       // Advertise the block sizes the mirrorsan contract fixes, so the same assertions hold.
       filters: ['blocksize-policy'],
-      pluginArgs: ['blocksize-minimum=512', 'blocksize-preferred=4096', 'blocksize-maximum=33554432'],
+      pluginArgs: ['blocksize-minimum=512', 'blocksize-preferred=4096', 'blocksize-maximum=33554432', 'blocksize-error-policy=error'],
       port,
       tls: options.tls ? { fixture: options.tls.fixture, required: options.tls.required ?? false } : undefined,
     });

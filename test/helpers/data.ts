@@ -1,7 +1,7 @@
 // Test data: checksums of files, random and patterned buffers, sparse images with a known
 // layout of data and holes, and temp dirs that tests remove even when they fail.
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { createReadStream, rmSync } from 'node:fs';
 import { mkdtemp, open, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -63,14 +63,29 @@ export async function allocatedBytes(filePath: string): Promise<number> {
   return (await stat(filePath)).blocks * 512;
 }
 
+const keepTempDirs = (): boolean => process.env.MIRRORSAN_TEST_KEEP === '1';
+/** Temp dirs not yet removed; a test process that dies of an uncaught error removes them at exit. */
+const liveTempDirs = new Set<string>();
+let exitHookInstalled = false;
+
 /** A fresh directory under the OS temp dir; pair with removeDir in a finally/t.after. */
 export async function makeTempDir(prefix: string): Promise<string> {
-  return await mkdtemp(path.join(os.tmpdir(), `mirrorsan-${prefix}-`));
+  const dir = await mkdtemp(path.join(os.tmpdir(), `mirrorsan-${prefix}-`));
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.on('exit', () => {
+      if (keepTempDirs()) return;
+      for (const live of liveTempDirs) rmSync(live, { recursive: true, force: true });
+    });
+  }
+  liveTempDirs.add(dir);
+  return dir;
 }
 
 /** Removes a temp dir unless MIRRORSAN_TEST_KEEP=1 (then says where it is, for debugging). */
 export async function removeDir(dir: string): Promise<void> {
-  if (process.env.MIRRORSAN_TEST_KEEP === '1') {
+  liveTempDirs.delete(dir);
+  if (keepTempDirs()) {
     process.stderr.write(`keeping ${dir} (MIRRORSAN_TEST_KEEP=1)\n`);
     return;
   }

@@ -3,6 +3,7 @@
 // failing interop test is only debuggable with what the client and the server said.
 import { spawn } from 'node:child_process';
 import type { ChildProcess, SpawnOptions } from 'node:child_process';
+import type { TestContext } from 'node:test';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
@@ -129,6 +130,24 @@ class OutputBuffer {
 }
 
 /**
+ * Servers must not outlive a test process that dies of an uncaught error: whatever is still
+ * running at exit is SIGKILLed (the 'exit' handler must be synchronous, and kill() is).
+ */
+const liveChildren = new Set<ChildProcess>();
+let exitHookInstalled = false;
+function trackUntilExit(child: ChildProcess): void {
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.on('exit', () => {
+      for (const live of liveChildren) live.kill('SIGKILL');
+    });
+  }
+  liveChildren.add(child);
+  child.on('close', () => liveChildren.delete(child));
+  child.on('error', () => liveChildren.delete(child));
+}
+
+/**
  * A long-lived child whose stdout and stderr are collected as text, with a way to wait for
  * a line. Used for servers (mirrorsan, nbdkit) and for writers that report progress.
  */
@@ -146,6 +165,7 @@ export class ManagedProcess {
   constructor(cmd: string, args: readonly string[], options: SpawnOptions = {}) {
     this.command = describeCommand(cmd, args);
     this.child = spawn(cmd, args, { cwd: REPO_ROOT, ...options, stdio: ['ignore', 'pipe', 'pipe'] });
+    trackUntilExit(this.child);
     this.child.stdout?.setEncoding('utf8');
     this.child.stderr?.setEncoding('utf8');
     this.child.stdout?.on('data', (text: string) => {
@@ -275,10 +295,10 @@ export function processExists(pid: number): boolean {
  * Wraps a test body so that a failure carries the tail of the server's log: an interop
  * failure is rarely understood from the client's side alone.
  */
-export function withServerLog(serverLog: () => string, body: () => Promise<void>): () => Promise<void> {
-  return async () => {
+export function withServerLog(serverLog: () => string, body: (t: TestContext) => Promise<void>): (t: TestContext) => Promise<void> {
+  return async (t) => {
     try {
-      await body();
+      await body(t);
     } catch (error) {
       if (error instanceof Error) error.message += `\n--- server stderr (tail) ---\n${tail(serverLog(), 3000)}`;
       throw error;

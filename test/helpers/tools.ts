@@ -1,5 +1,6 @@
 // Thin wrappers over the real NBD clients, parsing what they print, so tests read as
 // statements about the server rather than about command lines.
+import os from 'node:os';
 import path from 'node:path';
 import { FIXTURES_DIR, PYTHON3, describeCommand, run, runOk, tail } from './process.js';
 import type { RunOptions, RunResult } from './process.js';
@@ -91,10 +92,16 @@ export interface FioReport {
   jobs: FioJob[];
 }
 
+/**
+ * fio saves a `local-<job>-<n>-verify.state` file into its working directory after verify
+ * jobs; never let it litter the repository (and run it from the temp dir besides).
+ */
+export const FIO_NO_STATE_FILES = ['--verify_state_save=0'] as const;
+
 /** Runs fio with the nbd engine against `uri`; throws with fio's output unless it exits 0. */
 export async function fioNbd(uri: string, jobArgs: readonly string[], options: RunOptions = {}): Promise<FioReport> {
-  const args = ['--ioengine=nbd', `--uri=${uri}`, '--output-format=json', ...jobArgs];
-  const result = await run('fio', args, { timeoutMs: 120_000, ...options });
+  const args = ['--ioengine=nbd', `--uri=${uri}`, '--output-format=json', ...FIO_NO_STATE_FILES, ...jobArgs];
+  const result = await run('fio', args, { timeoutMs: 120_000, cwd: os.tmpdir(), ...options });
   if (result.code !== 0) {
     throw new Error(`${describeCommand('fio', args)} exited ${result.code ?? result.signal}\n${tail(result.stdout)}\n${tail(result.stderr)}`);
   }
