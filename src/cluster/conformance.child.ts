@@ -5,7 +5,10 @@ import { createCoordinator } from './index.js';
 import type { Coordinator, VolumeRecord } from './coordinator.js';
 
 export type ChildTask =
-  /** CAS the record of `volume` forward until it reaches targetEpoch; report the epochs won. */
+  /**
+   * CAS the record of `volume` forward until it reaches targetEpoch; report the epochs won.
+   * Reports `ready` once connected and starts at the first line on stdin, so all racers start together.
+   */
   | { mode: 'cas-race'; url: string; volume: string; workerId: string; replicas: string[]; targetEpoch: number }
   /** Register `nodeId` and keep reporting how long the lease is valid, until killed. */
   | { mode: 'hold-lease'; url: string; nodeId: string; leaseTtlMs: number }
@@ -23,6 +26,10 @@ async function casRace(coordinator: Coordinator, task: Extract<ChildTask, { mode
   let conflicts = 0;
   let current = await coordinator.getVolumeRecord(task.volume);
   if (current === undefined) throw new Error('the parent creates the record first');
+  emit({ event: 'ready', workerId: task.workerId });
+  await new Promise((resolve) => process.stdin.once('data', resolve));
+  process.stdin.destroy();
+  current = (await coordinator.getVolumeRecord(task.volume)) ?? current;
   while (current.epoch < task.targetEpoch) {
     const next: VolumeRecord = {
       epoch: current.epoch + 1,

@@ -73,7 +73,7 @@ interface Child {
 
 function startChild(task: ChildTask): Child {
   const child = spawn(process.execPath, [CHILD_SCRIPT, JSON.stringify(task)], {
-    stdio: ['ignore', 'pipe', 'inherit'],
+    stdio: [task.mode === 'cas-race' ? 'pipe' : 'ignore', 'pipe', 'inherit'],
     env: { ...process.env, MIRRORSAN_LOG_LEVEL: LOG_LEVEL },
   });
   const events: Array<Record<string, unknown>> = [];
@@ -311,6 +311,8 @@ export function runCoordinatorConformance(name: string, backend: ConformanceBack
         startChild({ mode: 'cas-race', url, volume: 'race', workerId, replicas: workers, targetEpoch }),
       );
       children.push(...racers);
+      await waitFor(() => (racers.every((r) => r.events.some((e) => e.event === 'ready')) ? true : undefined), 15_000, 'the racers to connect');
+      for (const racer of racers) racer.process.stdin?.end('go\n');
       const codes = await Promise.all(racers.map((r) => r.exited));
       assert.deepEqual(codes, [0, 0, 0, 0], JSON.stringify(racers.map((r) => r.events)));
       const winnerOf = new Map<number, string>();

@@ -58,7 +58,7 @@ describe('embedded coordinator: file-level behaviour', () => {
     const dir = await freshDir();
     const coordinator = await EmbeddedCoordinator.open({ dir });
     try {
-      await coordinator.registerNode(registration('n1'), { leaseTtlMs: 600 }); // renews every 200 ms
+      const session = await coordinator.registerNode(registration('n1'), { leaseTtlMs: 600 }); // renews every 200 ms
       await coordinator.putVolumeSpec(
         { name: 'v', sizeBytes: 1 << 20, replicas: 1, mode: 'sync', strict: false, regionSizeBytes: 1 << 20 },
         { createOnly: true },
@@ -68,7 +68,9 @@ describe('embedded coordinator: file-level behaviour', () => {
       for (let epoch = 1; epoch < RECORD_HISTORY + 20; epoch++) {
         assert.deepEqual(await coordinator.casVolumeRecord('v', epoch, record(epoch + 1)), { ok: true });
       }
-      await new Promise((resolve) => setTimeout(resolve, 2500));
+      await new Promise((resolve) => setTimeout(resolve, 2000)); // ≥ 10 renewals
+      assert.ok(session.isValid());
+      await coordinator.close(); // resolves once nothing touches the directory
       const [incarnation] = await readdir(join(dir, 'incarnations'));
       assert.ok(incarnation);
       assert.equal((await readdir(join(dir, 'incarnations', incarnation, 'records'))).length, RECORD_HISTORY);

@@ -173,7 +173,9 @@ export class EmbeddedCoordinator implements Coordinator {
   private readonly sessions = new Set<LeaseKeeper>();
   private readonly subscriptions = new Set<Subscription>();
   private pollTimer: NodeJS.Timeout | undefined;
-  private polling = false;
+  private poll: Promise<void> | undefined;
+  /** Work started in the background (marking a given-up lease dead): close() waits for it. */
+  private readonly background = new Set<Promise<void>>();
   private closed = false;
 
   private constructor(options: EmbeddedCoordinatorOptions) {
@@ -258,7 +260,10 @@ export class EmbeddedCoordinator implements Coordinator {
         // A lease this node gave up on is marked dead at once, so the others need not wait out
         // its TTL and this node id can register again. `closed` stands for a crash: no marking.
         if (reason === 'expired' || reason === 'rejected') {
-          this.endLease(nodeDir, registration.leaseId, chain, `given up (${reason})`).catch(() => {});
+          const marking = this.endLease(nodeDir, registration.leaseId, chain, `given up (${reason})`).finally(() =>
+            this.background.delete(marking),
+          );
+          this.background.add(marking);
         }
       },
     });
@@ -560,36 +565,34 @@ export class EmbeddedCoordinator implements Coordinator {
     }
     this.pollTimer = setTimeout(() => {
       this.pollTimer = undefined;
-      void this.pollOnce().finally(() => this.schedulePoll(this.pollIntervalMs));
+      if (this.poll) return;
+      this.poll = this.pollOnce().finally(() => {
+        this.poll = undefined;
+        this.schedulePoll(this.pollIntervalMs);
+      });
     }, delayMs);
   }
 
   private async pollOnce(): Promise<void> {
-    if (this.polling) return;
-    this.polling = true;
-    try {
-      let nodes: NodeRegistration[] | undefined;
-      for (const subscription of [...this.subscriptions]) {
-        if (!subscription.active || this.closed) continue;
-        try {
-          if (subscription.kind === 'nodes') {
-            nodes ??= await this.liveNodes();
-            const current = nodes;
-            const fingerprint = nodesFingerprint(current);
-            if (fingerprint !== subscription.fingerprint && subscription.active) {
-              subscription.fingerprint = fingerprint;
-              deliver(() => subscription.onChange(current.map((node) => ({ ...node }))));
-            }
-          } else {
-            await this.pollRecord(subscription);
+    let nodes: NodeRegistration[] | undefined;
+    for (const subscription of [...this.subscriptions]) {
+      if (!subscription.active || this.closed) continue;
+      try {
+        if (subscription.kind === 'nodes') {
+          nodes ??= await this.liveNodes();
+          const current = nodes;
+          const fingerprint = nodesFingerprint(current);
+          if (fingerprint !== subscription.fingerprint && subscription.active) {
+            subscription.fingerprint = fingerprint;
+            deliver(() => subscription.onChange(current.map((node) => ({ ...node }))));
           }
-        } catch (error) {
-          if (this.closed) return;
-          this.logger.warn('watch poll failed; retrying', { error: error instanceof Error ? error.message : String(error) });
+        } else {
+          await this.pollRecord(subscription);
         }
+      } catch (error) {
+        if (this.closed) return;
+        this.logger.warn('watch poll failed; retrying', { error: error instanceof Error ? error.message : String(error) });
       }
-    } finally {
-      this.polling = false;
     }
   }
 
@@ -643,8 +646,11 @@ export class EmbeddedCoordinator implements Coordinator {
     this.pollTimer = undefined;
     for (const subscription of this.subscriptions) subscription.active = false;
     this.subscriptions.clear();
-    for (const session of [...this.sessions]) session.close();
+    const sessions = [...this.sessions];
+    for (const session of sessions) session.close();
     this.sessions.clear();
+    // Resolve only when nothing touches the directory any more (the caller may remove it).
+    await Promise.all([...sessions.map((session) => session.drained()), this.poll, ...this.background]);
   }
 
   // ------------------------------------------------------------------------------------------

@@ -379,10 +379,13 @@ export class EtcdCoordinator implements Coordinator {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const session of [...this.sessions]) session.close();
+    const sessions = [...this.sessions];
+    for (const session of sessions) session.close();
     this.sessions.clear();
     for (const follow of [...this.follows]) follow.stop();
     this.follows.clear();
+    // In-flight keepalives end by their deadline; then the channels go.
+    await Promise.all(sessions.map((session) => session.drained()));
     this.client.close();
   }
 

@@ -55,7 +55,8 @@ export class LeaseKeeper implements NodeSession {
   private readonly callbacks = new Set<(reason: LeaseLostReason) => void>();
   private renewTimer: NodeJS.Timeout | undefined;
   private deadlineTimer: NodeJS.Timeout | undefined;
-  private renewing = false;
+  /** The renewal in flight, if any (at most one). */
+  private renewal: Promise<void> | undefined;
 
   constructor(options: LeaseKeeperOptions) {
     assert(options.ttlMs > 0, 'lease TTL is positive');
@@ -106,6 +107,11 @@ export class LeaseKeeper implements NodeSession {
     await this.options.revokeRemote();
   }
 
+  /** Resolves once no renewal is in flight (after close(), nothing touches the backend). */
+  async drained(): Promise<void> {
+    await this.renewal;
+  }
+
   /** The coordinator client closes: stop renewing; the lease runs out on its own. */
   close(): void {
     this.lose('closed', 'coordinator closed');
@@ -142,22 +148,22 @@ export class LeaseKeeper implements NodeSession {
   private scheduleRenew(delayMs: number): void {
     if (this.lostReason !== undefined) return;
     clearTimeout(this.renewTimer);
-    this.renewTimer = setTimeout(() => void this.renewOnce(), delayMs);
+    this.renewTimer = setTimeout(() => {
+      if (this.renewal) return;
+      this.renewal = this.renewOnce().finally(() => (this.renewal = undefined));
+    }, delayMs);
   }
 
   private async renewOnce(): Promise<void> {
-    if (this.lostReason !== undefined || this.renewing) return;
+    if (this.lostReason !== undefined) return;
     // Never renew a lease this node already had to consider gone (remainingMs() ends it): a
     // late renewal must not bring back a session whose owner stopped acknowledging writes.
     if (this.remainingMs() <= 0) return;
-    this.renewing = true;
     let result: RenewResult;
     try {
       result = await this.options.renew();
     } catch (error) {
       result = { kind: 'failed', error };
-    } finally {
-      this.renewing = false;
     }
     if (this.lostReason !== undefined) return;
     switch (result.kind) {

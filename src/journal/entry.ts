@@ -6,7 +6,7 @@
 // Header layout (little-endian):
 //   0  u32 magic          "MSWL"
 //   4  u8  version        1
-//   5  u8  type           WRITE=1, ZERO=2, TRIM=3
+//   5  u8  type           WRITE=1, ZERO=2, TRIM=3, DIRECT_WRITE=4
 //   6  u16 flags          opaque to the codec (carried for the mirror engine)
 //   8  u32 sourceId       the node whose log this entry belongs to
 //  12  u32 payloadLength  bytes that follow the header
@@ -36,8 +36,19 @@ export const ENTRY_TYPE = {
   ZERO: 2,
   /** Deallocate [offset, offset+lengthBytes); reads as zeros afterwards. */
   TRIM: 3,
+  /**
+   * Data written straight to the image, not to the log (large writes: copying them twice
+   * would halve throughput). No payload: the entry records where, so replay knows that the
+   * image holds the newest bytes of that range and must not overwrite them with older
+   * entries. Durable once the image is synced, which FLUSH and FUA do.
+   */
+  DIRECT_WRITE: 4,
 } as const;
 export type EntryType = (typeof ENTRY_TYPE)[keyof typeof ENTRY_TYPE];
+
+export function isEntryType(type: number): type is EntryType {
+  return type === ENTRY_TYPE.WRITE || type === ENTRY_TYPE.ZERO || type === ENTRY_TYPE.TRIM || type === ENTRY_TYPE.DIRECT_WRITE;
+}
 
 export interface LogEntry {
   type: EntryType;
@@ -80,9 +91,7 @@ function isSafeU64(value: number): boolean {
 
 /** Why an entry cannot be encoded, or undefined when it can. Programmer errors, not input. */
 function encodeProblem(entry: LogEntry, payloadLength: number): string | undefined {
-  if (entry.type !== ENTRY_TYPE.WRITE && entry.type !== ENTRY_TYPE.ZERO && entry.type !== ENTRY_TYPE.TRIM) {
-    return `unknown type ${String(entry.type)}`;
-  }
+  if (!isEntryType(entry.type)) return `unknown type ${String(entry.type)}`;
   if (!Number.isInteger(entry.flags) || entry.flags < 0 || entry.flags > 0xffff) return 'flags is not a u16';
   if (!Number.isInteger(entry.sourceId) || entry.sourceId < 0 || entry.sourceId > 0xffff_ffff) return 'sourceId is not a u32';
   if (!isSafeU64(entry.sequence) || entry.sequence < 1) return 'sequence must be an integer in [1, 2^53)';
@@ -139,9 +148,7 @@ export function checkHeaderAt(buf: Uint8Array, at: number): HeaderCheck {
   const version = buf[at + 4]!;
   if (version !== ENTRY_VERSION) return { ok: false, reason: `unknown version ${version}` };
   const type = buf[at + 5]!;
-  if (type !== ENTRY_TYPE.WRITE && type !== ENTRY_TYPE.ZERO && type !== ENTRY_TYPE.TRIM) {
-    return { ok: false, reason: `unknown type ${type}` };
-  }
+  if (!isEntryType(type)) return { ok: false, reason: `unknown type ${type}` };
   const flags = buf[at + 6]! | (buf[at + 7]! << 8);
   const sourceId = readU32(buf, at + 8);
   const payloadLength = readU32(buf, at + 12);

@@ -319,6 +319,32 @@ export class WriteAheadLog {
     return result;
   }
 
+  /**
+   * Reads the entries above `fromSequenceExclusive` without applying or repairing anything,
+   * and stops quietly where replay() would cut a tail or report corruption. Replay uses it
+   * to look ahead (which ranges a later DIRECT_WRITE owns). Runs before replay().
+   */
+  async scan(fromSequenceExclusive: number, onEntry: (entry: LogEntry) => void): Promise<void> {
+    assert(!this.ready, 'wal: scan() runs before replay()');
+    const ignored: ReplayResult = { replayedEntries: 0, replayedBytes: 0, cutTail: false, lastSequence: 0 };
+    let expected: number | undefined;
+    for (const [index, segment] of this.segments.entries()) {
+      if (expected !== undefined && segment.firstSequence !== expected) return;
+      expected ??= segment.firstSequence;
+      const next = await this.replaySegment(
+        segment,
+        index === this.segments.length - 1,
+        expected,
+        fromSequenceExclusive,
+        (entry) => onEntry(entry),
+        ignored,
+        'scan',
+      );
+      if (next < 0) return;
+      expected = next;
+    }
+  }
+
   /** Writes and syncs everything queued, then closes the active segment. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -551,9 +577,10 @@ export class WriteAheadLog {
     fromSequenceExclusive: number,
     onEntry: (entry: LogEntry, payload: Buffer) => void | Promise<void>,
     result: ReplayResult,
+    mode: 'replay' | 'scan' = 'replay',
   ): Promise<number> {
     let expected = firstExpected;
-    const handle = await fs.promises.open(segment.file, isLast ? 'r+' : 'r');
+    const handle = await fs.promises.open(segment.file, isLast && mode === 'replay' ? 'r+' : 'r');
     try {
       const size = (await handle.stat()).size;
       segment.sizeBytes = size;
@@ -568,6 +595,7 @@ export class WriteAheadLog {
         }
         if (step.status === 'entry') {
           if (step.entry.sequence !== expected) {
+            if (mode === 'scan') return -1;
             throw this.corrupt(segment, at, `sequence ${step.entry.sequence} where ${expected} was expected (gap or duplicate)`);
           }
           if (step.entry.sequence > fromSequenceExclusive) {
@@ -584,6 +612,8 @@ export class WriteAheadLog {
         // later segment was acknowledged durable before an older one was complete on disk;
         // a bad older segment next to newer data is therefore treated as corruption, the
         // rule for "an invalid entry followed by valid data" (I5).
+        // A scan only looks ahead; replay decides (and says) what a bad entry means.
+        if (mode === 'scan') return -1;
         const reason = step.status === 'incomplete' ? 'incomplete entry' : step.reason;
         const scanFrom = step.headerTrusted && step.status === 'invalid' ? at + step.sizeBytes : at + 1;
         const validAt = step.status === 'incomplete' ? -1 : await reader.findValidHeader(scanFrom, expected - 1);

@@ -49,10 +49,17 @@ function readUInt64Exact(buffer: Buffer, at: number): { value: number; exact: bi
   return { value, exact: high >= 0x200000 ? buffer.readBigUInt64BE(at) : undefined };
 }
 
+/** [NBD: String restrictions] names are refused past 4096 bytes: they must round-trip exactly. */
 function mustBeString(text: string, what: string): Buffer {
   const bytes = Buffer.from(text, 'utf8');
   assert(bytes.length <= STRING_BYTES_MAX, `${what} longer than ${STRING_BYTES_MAX} bytes`);
   return bytes;
+}
+
+/** Human-readable text (descriptions, messages) is cut to 4096 bytes instead. */
+function displayString(text: string): Buffer {
+  const bytes = Buffer.from(text, 'utf8');
+  return bytes.length <= STRING_BYTES_MAX ? bytes : bytes.subarray(0, STRING_BYTES_MAX);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -395,7 +402,7 @@ export function encodeOptionError(option: number, errorType: number, message: st
 /** [NBD: NBD_REP_SERVER] name length (4), name, description. */
 export function encodeRepServer(option: number, name: string, description: string): Buffer {
   const nameBytes = mustBeString(name, 'export name');
-  const descriptionBytes = mustBeString(description, 'export description');
+  const descriptionBytes = displayString(description);
   const buffer = optionReplyFrame(option, REP.SERVER, 4 + nameBytes.length + descriptionBytes.length);
   let at: number = FRAME_BYTES.OPTION_REPLY_HEADER;
   at = buffer.writeUInt32BE(nameBytes.length, at);
@@ -416,7 +423,7 @@ export function encodeRepInfoExport(option: number, sizeBytes: number, transmiss
 
 /** [NBD: NBD_INFO_NAME], [NBD: NBD_INFO_DESCRIPTION] type (2), string. */
 export function encodeRepInfoString(option: number, infoType: typeof INFO.NAME | typeof INFO.DESCRIPTION, text: string): Buffer {
-  const textBytes = mustBeString(text, 'info string');
+  const textBytes = infoType === INFO.NAME ? mustBeString(text, 'export name') : displayString(text);
   const buffer = optionReplyFrame(option, REP.INFO, 2 + textBytes.length);
   buffer.writeUInt16BE(infoType, FRAME_BYTES.OPTION_REPLY_HEADER);
   textBytes.copy(buffer, FRAME_BYTES.OPTION_REPLY_HEADER + 2);
@@ -568,8 +575,7 @@ export function encodeBlockStatusExt(target: ChunkTarget, flags: number, context
 
 function errorMessageBytes(message: string): Buffer {
   // [NBD: NBD_REPLY_TYPE_ERROR] message length MUST NOT exceed 4096 bytes.
-  const bytes = Buffer.from(message, 'utf8');
-  return bytes.length <= STRING_BYTES_MAX ? bytes : bytes.subarray(0, STRING_BYTES_MAX);
+  return displayString(message);
 }
 
 /** [NBD: NBD_REPLY_TYPE_ERROR] error (4), message length (2), message. */

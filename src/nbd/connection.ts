@@ -2,12 +2,12 @@
 // transmission phase with concurrent requests answered out of order. The wire format lives in
 // codec.ts; this class holds the per-connection state, the flow control and the socket.
 //
-// Flow control. Requests are taken from the parser only while the connection is under its
-// caps (requests in flight, bytes in flight plus reply bytes queued in the socket, bytes in
-// flight server-wide). A frame that has started arriving is always read to its end (at most
-// one payload, itself capped), then held until it can be admitted; at a frame boundary the
-// socket is paused. So a client that sends without reading replies, or floods requests,
-// holds at most its caps of server memory.
+// Flow control. Requests are taken from the parser only while the socket does not ask us to
+// wait ('drain') and the connection is under its caps (requests in flight, bytes in flight
+// plus reply bytes queued in the socket, bytes in flight server-wide). A frame that has
+// started arriving is always read to its end (at most one payload, itself capped), then held
+// until it can be admitted; at a frame boundary the socket is paused. So a client that sends
+// without reading replies, or floods requests, holds at most its caps of server memory.
 import type { Duplex } from 'node:stream';
 import * as tls from 'node:tls';
 import { MirrorsanError, assert, isMirrorsanError, type ErrorCode } from '../errors.js';
@@ -346,6 +346,8 @@ export class Connection {
 
   private admissionBlocked(): boolean {
     const limits = this.host.limits;
+    // The socket's own backpressure signal ('drain' pumps again).
+    if (this.stream.writableNeedDrain) return true;
     if (this.inflightRequests >= limits.requestsInflightPerConnectionMax) return true;
     if (this.inflightBytes + this.stream.writableLength >= limits.inflightBytesPerConnectionMax) return true;
     if (this.host.inflightBytesTotal >= limits.inflightBytesTotalMax) {

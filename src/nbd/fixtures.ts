@@ -5,6 +5,7 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtemp, readFile } from 'node:fs/promises';
 import * as net from 'node:net';
+import * as tls from 'node:tls';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Duplex } from 'node:stream';
@@ -50,23 +51,39 @@ export async function startServer(
 
 /** A socket that sends exactly the bytes a test wants and reads the server's handshake frames. */
 export class RawConnection {
-  readonly socket: net.Socket;
+  /** The socket bytes go through: the TCP socket, or the TLS socket after upgrade(). */
+  socket: net.Socket;
   readonly queue = new ChunkQueue();
   readonly parser = new ServerHandshakeParser(this.queue, { replyDataBytesMax: 1 << 20 });
   private waiter: (() => void) | undefined;
   private ended = false;
+  private readonly onData = (chunk: Buffer): void => {
+    this.queue.push(chunk);
+    this.waiter?.();
+  };
 
   private constructor(socket: net.Socket) {
     this.socket = socket;
-    socket.on('data', (chunk: Buffer) => {
-      this.queue.push(chunk);
-      this.waiter?.();
-    });
+    socket.on('data', this.onData);
     socket.on('close', () => {
       this.ended = true;
       this.waiter?.();
     });
     socket.on('error', () => undefined);
+  }
+
+  /** After a STARTTLS ACK: runs the TLS handshake and continues over it. */
+  async upgrade(ca: string): Promise<void> {
+    this.socket.off('data', this.onData);
+    const secure = tls.connect({ socket: this.socket, ca, servername: 'localhost' });
+    secure.on('error', () => undefined);
+    await once(secure, 'secureConnect');
+    secure.on('data', this.onData);
+    secure.on('close', () => {
+      this.ended = true;
+      this.waiter?.();
+    });
+    this.socket = secure;
   }
 
   static async connect(port: number): Promise<RawConnection> {

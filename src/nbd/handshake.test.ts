@@ -1,5 +1,8 @@
 // Proves the server's handshake: fixed and plain newstyle, every option (INFO, GO, LIST, ABORT, meta contexts, structured replies, extended headers, unknown ones) and every malformed-handshake case closing only the offending connection, with a log line.
 import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { isMirrorsanError } from '../errors.js';
 import { MemoryDevice } from '../volume/memory-device.js';
@@ -14,7 +17,7 @@ import {
   encodeOptionRequest,
   encodeRequestHeader,
 } from './codec.js';
-import { RawConnection, duplexPair, eventually, startServer, type TestServer } from './fixtures.js';
+import { RawConnection, duplexPair, eventually, run, startServer, type TestServer } from './fixtures.js';
 import { CMD, ERRNO, INFO, OPT, REP, REP_ERR, TRANSMISSION_FLAG } from './protocol.js';
 
 const MiB = 1 << 20;
@@ -109,6 +112,32 @@ describe('NBD handshake', () => {
       assert.equal(client.readOnly, true);
       assert.equal(client.blockSizes, undefined);
       await client.disconnect();
+    });
+
+    it('listens on a unix socket as well', async () => {
+      const dir = await mkdtemp(join(tmpdir(), 'mirrorsan-nbd-unix-'));
+      const path = join(dir, 'nbd.sock');
+      try {
+        assert.deepEqual(await t.server.listen({ path }), { kind: 'unix', path });
+        const client = await NbdClient.connect({ path }, { exportName: 'disk' });
+        assert.equal(client.sizeBytes, 64 * MiB);
+        await client.disconnect();
+        const result = await run('nbdinfo', ['--size', `nbd+unix:///disk?socket=${path}`]);
+        assert.equal(result.stdout.trim(), String(64 * MiB), result.stderr);
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+      }
+    });
+
+    it('long descriptions are cut to 4096 bytes rather than breaking LIST', async () => {
+      const registry = t.registry;
+      registry.add(new MemoryDevice({ name: 'wordy', description: 'x'.repeat(5000), sizeBytes: MiB }));
+      try {
+        const exports = await NbdClient.listExports(target());
+        assert.equal(exports.find((e) => e.name === 'wordy')?.description.length, 4096);
+      } finally {
+        registry.remove('wordy');
+      }
     });
 
     it('serves a client over an in-memory duplex pair too', async () => {

@@ -19,6 +19,12 @@
 // such wait: whatever of them survives in the image is consistent with the recovered map.
 // For the same reason a partial write into an unallocated block writes the whole block,
 // padding with zeros, so that block never depends on what the file held before.
+//
+// Large block-aligned writes (>= directWriteMinBytes) go to the image only, and the log gets
+// a DIRECT_WRITE entry without payload: copying 1 MiB writes twice would halve throughput.
+// Their durability comes from syncing the image (FLUSH and FUA sync the image as well as the
+// log when such writes happened), and replay never applies an older entry over blocks that a
+// newer DIRECT_WRITE owns (SupersedeIndex), because the image already holds the newer bytes.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MirrorsanError, assert, isMirrorsanError } from '../errors.js';
@@ -28,6 +34,8 @@ import { AllocationMap } from '../store/alloc-map.js';
 import { writeFileDurable } from '../store/file-io.js';
 import { ImageFile, fileExists, type ImageFaults } from '../store/image.js';
 import { RangeLock } from '../store/range-lock.js';
+import { SupersedeIndex } from '../store/supersede-index.js';
+import { CoalescedRun } from '../util/coalesced-run.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from './device.js';
 
@@ -38,6 +46,10 @@ export const FAST_ZERO_MAX_WRITE_BYTES = 1 * MiB;
 const DEFAULT_CHECKPOINT_LOG_BYTES = 256 * MiB;
 const DEFAULT_CHECKPOINT_INTERVAL_MS = 30_000;
 const DEFAULT_BLOCK_SIZE_BYTES = 4096;
+/** Aligned writes at least this large bypass the log's payload (see the header comment). */
+const DEFAULT_DIRECT_WRITE_MIN_BYTES = 64 * 1024;
+/** Checkpoint after this many bytes of direct writes, so replay's look-ahead stays small. */
+const DEFAULT_CHECKPOINT_DIRECT_BYTES = 4 * 1024 * MiB;
 /** Zero/trim physical actions run this many at a time (a fragmented range has many). */
 const ZERO_ACTION_CONCURRENCY = 16;
 /** Log entries applied concurrently during replay (overlapping ones still in order). */
@@ -63,6 +75,8 @@ export interface LocalVolumeOptions {
   checkpointIntervalMs?: number;
   /** Allocation granularity. Default 4096; a volume keeps the one it was created with. */
   blockSizeBytes?: number;
+  /** Aligned writes of at least this many bytes go to the image only. Default 64 KiB; 0 never. */
+  directWriteMinBytes?: number;
   /** Source id stamped on log entries (the node id, for the mirror engine). Default 0. */
   sourceId?: number;
   /** Test-only fault injection in the image layer. */
@@ -120,7 +134,14 @@ export class LocalVolume implements BlockDevice {
   private readonly locks = new RangeLock();
   private readonly applier: VolumeApplier;
   private readonly checkpointLogBytes: number;
+  private readonly directWriteMinBytes: number;
   private readonly timer: NodeJS.Timeout | undefined;
+  /** Group commit of image fdatasyncs for direct writes. */
+  private readonly imageSync: CoalescedRun;
+  /** Direct writes applied to the image, and how many of them an image sync covers. */
+  private directApplied = 0;
+  private directSynced = 0;
+  private directBytesSinceCheckpoint = 0;
 
   private sequence: number;
   private checkpointSequence: number;
@@ -158,6 +179,12 @@ export class LocalVolume implements BlockDevice {
     this.wal = init.wal;
     this.applier = new VolumeApplier(init.image, init.map, init.blockSizeBytes);
     this.checkpointLogBytes = options.checkpointLogBytes ?? DEFAULT_CHECKPOINT_LOG_BYTES;
+    this.directWriteMinBytes = options.directWriteMinBytes ?? DEFAULT_DIRECT_WRITE_MIN_BYTES;
+    this.imageSync = new CoalescedRun(async () => {
+      const covered = this.directApplied;
+      await this.image.datasync();
+      this.directSynced = Math.max(this.directSynced, covered);
+    });
     this.checkpointSequence = init.checkpointSequence;
     this.sequence = init.lastSequence;
     this.recovery = init.recovery;
@@ -214,7 +241,13 @@ export class LocalVolume implements BlockDevice {
     }
 
     const wal = await WriteAheadLog.open({ dir: files.wal, logger: logger.child('wal') });
-    const replayer = new Replayer(options.sizeBytes, record.blockSizeBytes);
+    const supersede = new SupersedeIndex();
+    await wal.scan(record.seq, (entry) => {
+      if (entry.type !== ENTRY_TYPE.DIRECT_WRITE) return;
+      const bs = record.blockSizeBytes;
+      if (entry.offset % bs === 0 && entry.lengthBytes % bs === 0) supersede.add(entry.sequence, entry.offset / bs, entry.lengthBytes / bs);
+    });
+    const replayer = new Replayer(options.sizeBytes, record.blockSizeBytes, supersede);
     try {
       const applier = new VolumeApplier(image, map, record.blockSizeBytes);
       const result = await wal.replay(record.seq, (entry, payload) => replayer.apply(entry, payload, applier));
@@ -307,6 +340,16 @@ export class LocalVolume implements BlockDevice {
   }
 
   write(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
+    const bs = this.blockSizeBytes;
+    const direct =
+      this.directWriteMinBytes > 0 && data.length >= this.directWriteMinBytes && offset % bs === 0 && data.length % bs === 0;
+    if (direct) {
+      return this.submit(ENTRY_TYPE.DIRECT_WRITE, offset, data.length, undefined, options.fua, async (applier, logged) => {
+        await applier.applyWrite(offset, data, logged);
+        this.directApplied++;
+        this.directBytesSinceCheckpoint += data.length;
+      });
+    }
     return this.submit(ENTRY_TYPE.WRITE, offset, data.length, data, options.fua, (applier, logged) =>
       applier.applyWrite(offset, data, logged),
     );
@@ -322,7 +365,19 @@ export class LocalVolume implements BlockDevice {
 
   async flush(): Promise<void> {
     this.checkOpen();
-    await this.wal.sync();
+    await Promise.all([this.wal.sync(), this.syncDirectWrites()]);
+  }
+
+  /** Makes every direct write applied so far durable in the image (shared fdatasync). */
+  private async syncDirectWrites(): Promise<void> {
+    if (this.directSynced >= this.directApplied) return;
+    try {
+      await this.imageSync.run();
+    } catch (error) {
+      throw this.noteFailure(
+        isMirrorsanError(error) ? error : new MirrorsanError('STORE_IO', `image sync of ${this.name} failed: ${String(error)}`, { cause: error }),
+      );
+    }
   }
 
   async cache(offset: number, length: number): Promise<void> {
@@ -449,8 +504,13 @@ export class LocalVolume implements BlockDevice {
     this.endRequest();
     if (applyResult.status === 'rejected') throw this.noteFailure(applyResult.reason);
     if (logResult.status === 'rejected') throw this.noteFailure(logResult.reason);
-    if (fua) await this.wal.sync(sequence);
-    if (this.wal.bytes >= this.checkpointLogBytes && !this.checkpointRunning) this.backgroundCheckpoint('log size');
+    if (fua) {
+      if (type === ENTRY_TYPE.DIRECT_WRITE) await Promise.all([this.wal.sync(sequence), this.syncDirectWrites()]);
+      else await this.wal.sync(sequence);
+    }
+    if (this.checkpointRunning) return;
+    if (this.wal.bytes >= this.checkpointLogBytes) this.backgroundCheckpoint('log size');
+    else if (this.directBytesSinceCheckpoint >= DEFAULT_CHECKPOINT_DIRECT_BYTES) this.backgroundCheckpoint('direct writes');
   }
 
   private endRequest(): void {
@@ -502,6 +562,7 @@ export class LocalVolume implements BlockDevice {
       await this.drained();
       sequence = this.sequence;
       snapshot = this.map.serialize(sequence);
+      this.directBytesSinceCheckpoint = 0;
       rotated = this.wal.rotate();
     } finally {
       this.gate = undefined;
@@ -510,7 +571,9 @@ export class LocalVolume implements BlockDevice {
     const lastOfOld = await rotated;
     assert(lastOfOld === sequence, `volume: rotation ended the log at ${lastOfOld}, the checkpoint is at ${sequence}`);
     try {
+      const directCovered = this.directApplied;
       await this.image.datasync();
+      this.directSynced = Math.max(this.directSynced, directCovered);
       const files = volumeFiles(this.dir);
       await writeFileDurable(files.allocMap, snapshot);
       const record: CheckpointRecord = {
@@ -592,6 +655,12 @@ class VolumeApplier {
     this.map.setRange(firstBlock, endBlock - firstBlock);
   }
 
+  /** Replay of a DIRECT_WRITE: the bytes are already in the image; only the map learns. */
+  markWritten(offset: number, length: number): void {
+    const firstBlock = Math.floor(offset / this.bs);
+    this.map.setRange(firstBlock, Math.ceil((offset + length) / this.bs) - firstBlock);
+  }
+
   async applyZero(offset: number, length: number, deallocate: boolean): Promise<void> {
     const actions = planZero(this.map, offset, length, deallocate);
     await runLimited(actions, ZERO_ACTION_CONCURRENCY, async (action) => {
@@ -662,13 +731,33 @@ async function runLimited<T>(items: readonly T[], limit: number, work: (item: T)
 class Replayer {
   private readonly sizeBytes: number;
   private readonly bs: number;
+  private readonly supersede: SupersedeIndex;
   private readonly locks = new RangeLock();
   private readonly pending: Promise<void>[] = [];
   private failure: unknown;
 
-  constructor(sizeBytes: number, blockSizeBytes: number) {
+  constructor(sizeBytes: number, blockSizeBytes: number, supersede: SupersedeIndex) {
     this.sizeBytes = sizeBytes;
     this.bs = blockSizeBytes;
+    this.supersede = supersede;
+  }
+
+  /**
+   * Applies the parts of `entry` that no newer DIRECT_WRITE owns. Skipping a part skips its
+   * map effect too: the newer direct write sets those blocks allocated in its turn, and
+   * every entry between the two is skipped there as well, so the final state is the same.
+   */
+  private async applyLive(entry: LogEntry, payload: Buffer, applier: VolumeApplier): Promise<void> {
+    const bs = this.bs;
+    const end = entry.offset + entry.lengthBytes;
+    const firstBlock = Math.floor(entry.offset / bs);
+    for (const run of this.supersede.liveRuns(entry.sequence, firstBlock, Math.ceil(end / bs))) {
+      const start = Math.max(entry.offset, run.firstBlock * bs);
+      const stop = Math.min(end, (run.firstBlock + run.blockCount) * bs);
+      if (entry.type === ENTRY_TYPE.DIRECT_WRITE) applier.markWritten(start, stop - start);
+      else if (entry.type === ENTRY_TYPE.WRITE) await applier.applyWrite(start, payload.subarray(start - entry.offset, stop - entry.offset), undefined);
+      else await applier.applyZero(start, stop - start, entry.type === ENTRY_TYPE.TRIM);
+    }
   }
 
   async apply(entry: LogEntry, payload: Buffer, applier: VolumeApplier): Promise<void> {
@@ -686,8 +775,7 @@ class Replayer {
     const run = async (): Promise<void> => {
       if (lease.ready) await lease.ready;
       try {
-        if (entry.type === ENTRY_TYPE.WRITE) await applier.applyWrite(entry.offset, payload, undefined);
-        else await applier.applyZero(entry.offset, entry.lengthBytes, entry.type === ENTRY_TYPE.TRIM);
+        await this.applyLive(entry, payload, applier);
       } finally {
         lease.release();
       }
