@@ -405,7 +405,9 @@ export class EmbeddedCoordinator implements Coordinator {
           return true;
         }
         await fs.rm(dir, { recursive: true, force: true });
-        if (outcome === 'missing-dir') throw new Error(`${join(this.root, 'volumes')} is missing`);
+        if (outcome === 'missing-dir') {
+          throw new MirrorsanError('COORD_UNAVAILABLE', `embedded coordinator: ${join(this.root, 'volumes')} is missing`);
+        }
         if (options.createOnly) return false;
       }
       throw new MirrorsanError('COORD_UNAVAILABLE', `embedded coordinator: volume ${spec.name} changes too fast to write`);

@@ -1,6 +1,7 @@
-// A real etcd server for tests: Debian's etcd-server on loopback, random ports, a temporary
-// data directory. It can be killed (SIGKILL, as a crash) and started again on the same data
-// and ports, which is how the tests make the coordinator unreachable.
+// Real etcd servers for tests: Debian's etcd-server on loopback, random ports, temporary data
+// directories; one member or several. A member can be killed (SIGKILL, as a crash) and
+// started again on the same data and ports, which is how tests make etcd unreachable or lose
+// a member (or the leader) of a quorum.
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -9,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 const HEALTHY_TIMEOUT_MS = 15_000;
-const STOP_TIMEOUT_MS = 5_000;
+const OUTPUT_KEPT_BYTES = 8192;
 
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -22,65 +23,111 @@ async function freePort(): Promise<number> {
   });
 }
 
-export class EtcdProcess {
-  private child: ChildProcess | undefined;
-  private output = '';
-  private dataDir = '';
-  clientPort = 0;
-  private peerPort = 0;
+interface Member {
+  name: string;
+  clientPort: number;
+  peerPort: number;
+  child: ChildProcess | undefined;
+  output: string;
+}
 
-  get endpoint(): string {
-    return `127.0.0.1:${this.clientPort}`;
+export class EtcdCluster {
+  private readonly size: number;
+  private readonly members: Member[] = [];
+  private dataDir = '';
+
+  constructor(size = 1) {
+    this.size = size;
   }
 
-  /** Starts a fresh server; fails with a clear message if the `etcd` binary is missing. */
+  /** `host:port` of every member's client URL, for etcd:// coordinator URLs. */
+  get endpoints(): string[] {
+    return this.members.map((member) => `127.0.0.1:${member.clientPort}`);
+  }
+
+  /** Starts a fresh cluster; fails with a clear message if the `etcd` binary is missing. */
   async start(): Promise<void> {
     this.dataDir = await mkdtemp(join(tmpdir(), 'mirrorsan-etcd-'));
-    this.clientPort = await freePort();
-    this.peerPort = await freePort();
-    await this.launch();
+    for (let index = 0; index < this.size; index++) {
+      this.members.push({ name: `m${index}`, clientPort: await freePort(), peerPort: await freePort(), child: undefined, output: '' });
+    }
+    // Members of a new cluster wait for each other: start them all, then wait for each.
+    const started = this.members.map((member) => this.launch(member));
+    await Promise.all(started);
   }
 
-  /** SIGKILL: the server vanishes as in a crash; its data stays for restart(). */
-  async kill(): Promise<void> {
-    const child = this.child;
-    this.child = undefined;
+  /** SIGKILL: the member vanishes as in a crash; its data stays for restart(). */
+  async kill(index = 0): Promise<void> {
+    const member = this.member(index);
+    const child = member.child;
+    member.child = undefined;
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const exited = new Promise((resolve) => child.once('exit', resolve));
     child.kill('SIGKILL');
     await exited;
   }
 
-  /** Starts the server again on the same data directory and ports. */
-  async restart(): Promise<void> {
-    await this.kill();
-    await this.launch();
+  /** Starts the member again on the same data directory and ports. */
+  async restart(index = 0): Promise<void> {
+    await this.kill(index);
+    await this.launch(this.member(index));
   }
 
-  async stop(): Promise<void> {
-    const child = this.child;
-    this.child = undefined;
-    if (child && child.exitCode === null && child.signalCode === null) {
-      const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
-      await exited;
-      clearTimeout(timer);
+  /** The index of the current leader, asked of the first member that answers. */
+  async leaderIndex(): Promise<number> {
+    for (const member of this.members) {
+      if (!member.child) continue;
+      try {
+        const response = await fetch(`http://127.0.0.1:${member.clientPort}/v3/maintenance/status`, {
+          method: 'POST',
+          body: '{}',
+          signal: AbortSignal.timeout(1000),
+        });
+        const status = (await response.json()) as { leader?: string; header?: { member_id?: string } };
+        if (status.leader === undefined) continue;
+        if (status.leader === status.header?.member_id) return this.members.indexOf(member);
+        // Ask the others which of them is the leader.
+        for (const other of this.members) {
+          if (other === member || !other.child) continue;
+          const answer = (await (
+            await fetch(`http://127.0.0.1:${other.clientPort}/v3/maintenance/status`, { method: 'POST', body: '{}', signal: AbortSignal.timeout(1000) })
+          ).json()) as { header?: { member_id?: string } };
+          if (answer.header?.member_id === status.leader) return this.members.indexOf(other);
+        }
+      } catch {
+        // try the next member
+      }
     }
+    throw new Error('no etcd member knows a leader');
+  }
+
+  /** Kills every member (nothing to shut down gracefully: the data goes too). */
+  async stop(): Promise<void> {
+    await Promise.all(this.members.map((_, index) => this.kill(index)));
     if (this.dataDir) await rm(this.dataDir, { recursive: true, force: true });
   }
 
-  private async launch(): Promise<void> {
-    const client = `http://127.0.0.1:${this.clientPort}`;
-    const peer = `http://127.0.0.1:${this.peerPort}`;
+  private member(index: number): Member {
+    const member = this.members[index];
+    if (!member) throw new Error(`no etcd member ${index}`);
+    return member;
+  }
+
+  private async launch(member: Member): Promise<void> {
+    const client = `http://127.0.0.1:${member.clientPort}`;
+    const peer = `http://127.0.0.1:${member.peerPort}`;
+    const initialCluster = this.members.map((m) => `${m.name}=http://127.0.0.1:${m.peerPort}`).join(',');
     const args = [
-      '--name', 'default',
-      '--data-dir', join(this.dataDir, 'data'),
+      '--name', member.name,
+      '--data-dir', join(this.dataDir, member.name),
       '--listen-client-urls', client,
       '--advertise-client-urls', client,
       '--listen-peer-urls', peer,
       '--initial-advertise-peer-urls', peer,
-      '--initial-cluster', `default=${peer}`,
+      '--initial-cluster', initialCluster,
+      '--initial-cluster-state', 'new',
+      // One token per cluster (members of different test clusters must never join each other).
+      '--initial-cluster-token', `mirrorsan-test-${this.members[0]?.peerPort ?? 0}`,
       // A short election timeout lowers etcd's minimum lease TTL to 1 s (it is
       // ceil(1.5 × election timeout)), so the lease tests run with 1 s TTLs.
       '--heartbeat-interval', '50',
@@ -89,10 +136,10 @@ export class EtcdProcess {
       '--log-level', 'error',
     ];
     const child = spawn('etcd', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    this.child = child;
-    this.output = '';
+    member.child = child;
+    member.output = '';
     const append = (chunk: Buffer): void => {
-      this.output = (this.output + chunk.toString()).slice(-8192);
+      member.output = (member.output + chunk.toString()).slice(-OUTPUT_KEPT_BYTES);
     };
     child.stdout?.on('data', append);
     child.stderr?.on('data', append);
@@ -104,18 +151,18 @@ export class EtcdProcess {
             : error,
         );
       });
-      child.once('exit', (code, signal) => reject(new Error(`etcd exited early (code ${code}, signal ${signal}):\n${this.output}`)));
+      child.once('exit', (code, signal) => reject(new Error(`etcd ${member.name} exited early (code ${code}, signal ${signal}):\n${member.output}`)));
     });
     failed.catch(() => {}); // observed below; after start-up an exit is expected (kill)
     try {
-      await Promise.race([this.waitHealthy(client, child), failed]);
+      await Promise.race([this.waitHealthy(client, child, member), failed]);
     } catch (error) {
-      await this.kill();
+      await this.kill(this.members.indexOf(member));
       throw error;
     }
   }
 
-  private async waitHealthy(clientUrl: string, child: ChildProcess): Promise<void> {
+  private async waitHealthy(clientUrl: string, child: ChildProcess, member: Member): Promise<void> {
     const deadline = Date.now() + HEALTHY_TIMEOUT_MS;
     while (Date.now() < deadline && child.exitCode === null && child.signalCode === null) {
       try {
@@ -127,6 +174,6 @@ export class EtcdProcess {
       }
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    throw new Error(`etcd did not become healthy within ${HEALTHY_TIMEOUT_MS} ms:\n${this.output}`);
+    throw new Error(`etcd ${member.name} did not become healthy within ${HEALTHY_TIMEOUT_MS} ms:\n${member.output}`);
   }
 }

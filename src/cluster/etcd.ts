@@ -14,7 +14,7 @@
 // (we track it ourselves rather than trust the client's reconnect bookkeeping) and re-read the
 // state after a compaction.
 import { performance } from 'node:perf_hooks';
-import { Etcd3, EtcdLeaseInvalidError } from 'etcd3';
+import { Etcd3, EtcdLeaseInvalidError, GRPCDeadlineExceededError, GRPCUnavailableError } from 'etcd3';
 import type { IEvent, IKeyValue, IOptions, Namespace, Watcher } from 'etcd3';
 import { MirrorsanError, assert, isMirrorsanError } from '../errors.js';
 import { createLogger } from '../util/log.js';
@@ -65,6 +65,9 @@ const CAS_ATTEMPTS_MAX = 8;
 const WATCH_RETRY_MIN_MS = 100;
 const WATCH_RETRY_MAX_MS = 2000;
 const REGISTER_RETRY_MS = 200;
+/** Attempts of a read through member failures and leader changes (one election is ~1 s). */
+const READ_ATTEMPTS_MAX = 4;
+const READ_RETRY_DELAY_MS = 100;
 
 const monotonicNow = (): number => performance.now();
 
@@ -76,18 +79,75 @@ function isLeaseInvalid(error: unknown): boolean {
   return error instanceof EtcdLeaseInvalidError || (error instanceof Error && error.message.includes('lease not found'));
 }
 
-type HostPolicy = ReturnType<NonNullable<NonNullable<IOptions['faultHandling']>['host']>>;
-type WatchBackoff = NonNullable<NonNullable<IOptions['faultHandling']>['watchBackoff']>;
+type FaultHandling = NonNullable<IOptions['faultHandling']>;
+type Policy = NonNullable<FaultHandling['global']>;
+type WatchBackoff = NonNullable<FaultHandling['watchBackoff']>;
+type PolicyFunction<T> = (context: { signal: AbortSignal }) => PromiseLike<T> | T;
+
+/** A member that failed this many calls in a row is skipped for MEMBER_SKIP_MS. */
+const MEMBER_FAILURES_MAX = 3;
+const MEMBER_SKIP_MS = 500;
+
+class MemberSkippedError extends Error {}
+
+/** Connection-level failures: the member is down or unreachable, not a refusal by etcd. */
+function isMemberFailure(error: unknown): boolean {
+  return error instanceof GRPCUnavailableError || error instanceof GRPCDeadlineExceededError;
+}
+
+/** The request never left this process, so sending it to another member cannot apply it twice. */
+function wasNeverSent(error: unknown): boolean {
+  return error instanceof MemberSkippedError || (error instanceof GRPCUnavailableError && error.message.includes('No connection established'));
+}
 
 /**
- * The client's default per-host circuit breaker refuses every call for 5 s after three
- * failures: longer than a short lease, so one etcd blip would cost every node its lease. Our
- * callers retry on their own schedule (renewals three times per TTL), so calls go straight through.
+ * Per etcd member. The client's default breaker refuses a member for 5 s after three failures:
+ * longer than a short lease, so one blip of a single-member etcd would cost every node its
+ * lease. This one skips a failing member for MEMBER_SKIP_MS only (its members are tried in
+ * turn within one call, so a live member is always reached).
  */
-const passThroughPolicy = {
-  execute: <T>(fn: (context: { signal: AbortSignal }) => PromiseLike<T> | T): Promise<T> =>
-    Promise.resolve().then(() => fn({ signal: new AbortController().signal })),
-} as unknown as HostPolicy;
+function memberPolicy(): Policy {
+  let failures = 0;
+  let skipUntilMs = 0;
+  const policy = {
+    async execute<T>(fn: PolicyFunction<T>): Promise<T> {
+      if (failures >= MEMBER_FAILURES_MAX && Date.now() < skipUntilMs) throw new MemberSkippedError('etcd member skipped after recent failures');
+      try {
+        const result = await fn({ signal: new AbortController().signal });
+        failures = 0;
+        return result;
+      } catch (error) {
+        if (isMemberFailure(error)) {
+          failures += 1;
+          if (failures >= MEMBER_FAILURES_MAX) skipUntilMs = Date.now() + MEMBER_SKIP_MS;
+        }
+        throw error;
+      }
+    },
+  };
+  return policy as unknown as Policy;
+}
+
+/**
+ * Across members: the client's default retries timeouts too, which can apply a transaction
+ * twice (a CAS that succeeded would then report a conflict with its own write). Another member
+ * is tried only when the request certainly never left; any other failure goes to the caller
+ * as COORD_UNAVAILABLE, meaning "outcome unknown".
+ */
+function failoverPolicy(memberCount: number): Policy {
+  const policy = {
+    async execute<T>(fn: PolicyFunction<T>): Promise<T> {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await fn({ signal: new AbortController().signal });
+        } catch (error) {
+          if (attempt >= memberCount + 1 || !wasNeverSent(error)) throw error;
+        }
+      }
+    },
+  };
+  return policy as unknown as Policy;
+}
 
 function constantBackoff(durationMs: number): WatchBackoff {
   const backoff = { duration: durationMs, next: () => backoff };
@@ -114,7 +174,21 @@ export class EtcdCoordinator implements Coordinator {
       dialTimeout: callTimeoutMs,
       // Streams (watch, keepalive) live long: only unary calls get the default deadline.
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
-      faultHandling: { host: () => passThroughPolicy, watchBackoff: constantBackoff(WATCH_RETRY_MIN_MS) },
+      faultHandling: {
+        host: () => memberPolicy(),
+        global: failoverPolicy(options.hosts.length),
+        watchBackoff: constantBackoff(WATCH_RETRY_MIN_MS),
+      },
+      grpcOptions: {
+        // gRPC's reconnect backoff grows to 2 minutes by default: after a long etcd outage the
+        // client would stay away that long. Keep trying every second at most.
+        'grpc.initial_reconnect_backoff_ms': 100,
+        'grpc.max_reconnect_backoff_ms': 1000,
+        // Notice a silently dead connection (a watch would otherwise wait forever). etcd refuses
+        // pings more often than every 5 s (--grpc-keepalive-min-time).
+        'grpc.keepalive_time_ms': 10_000,
+        'grpc.keepalive_timeout_ms': 5_000,
+      },
     });
     this.ns = this.client.namespace(`/mirrorsan/${options.clusterId}/`);
   }
@@ -232,7 +306,7 @@ export class EtcdCoordinator implements Coordinator {
   }
 
   async liveNodes(): Promise<NodeRegistration[]> {
-    const response = await this.call('list nodes', () => this.ns.getAll().prefix('nodes/').exec());
+    const response = await this.read('list nodes', () => this.ns.getAll().prefix('nodes/').exec());
     return sortNodes(response.kvs.map((kv) => parseNodeRegistration(parseJson(kv, kv.key.toString()), kv.key.toString())));
   }
 
@@ -257,13 +331,13 @@ export class EtcdCoordinator implements Coordinator {
   async getVolumeSpec(name: string): Promise<VolumeSpec | undefined> {
     assertVolumeName(name);
     const key = `volumes/${name}/spec`;
-    const response = await this.call(`get volume ${name}`, () => this.ns.get(key).exec());
+    const response = await this.read(`get volume ${name}`, () => this.ns.get(key).exec());
     const kv = response.kvs[0];
     return kv ? parseVolumeSpec(parseJson(kv, key), key) : undefined;
   }
 
   async listVolumeSpecs(): Promise<VolumeSpec[]> {
-    const response = await this.call('list volumes', () => this.ns.getAll().prefix('volumes/').exec());
+    const response = await this.read('list volumes', () => this.ns.getAll().prefix('volumes/').exec());
     return response.kvs
       .filter((kv) => kv.key.toString().endsWith('/spec'))
       .map((kv) => parseVolumeSpec(parseJson(kv, kv.key.toString()), kv.key.toString()))
@@ -285,7 +359,7 @@ export class EtcdCoordinator implements Coordinator {
   async getVolumeRecord(name: string): Promise<VolumeRecord | undefined> {
     assertVolumeName(name);
     const key = `volumes/${name}/record`;
-    const response = await this.call(`get record of ${name}`, () => this.ns.get(key).exec());
+    const response = await this.read(`get record of ${name}`, () => this.ns.get(key).exec());
     const kv = response.kvs[0];
     return kv ? parseVolumeRecord(parseJson(kv, key), key) : undefined;
   }
@@ -297,7 +371,7 @@ export class EtcdCoordinator implements Coordinator {
     const value = JSON.stringify(copyRecord(next));
     for (let attempt = 0; attempt < CAS_ATTEMPTS_MAX; attempt++) {
       // Spec and record in one read, at one revision.
-      const response = await this.call(`read volume ${name}`, () => this.ns.getAll().prefix(`volumes/${name}/`).exec());
+      const response = await this.read(`read volume ${name}`, () => this.ns.getAll().prefix(`volumes/${name}/`).exec());
       const specKv = response.kvs.find((kv) => kv.key.toString() === specKey);
       const recordKv = response.kvs.find((kv) => kv.key.toString() === recordKey);
       if (!specKv) throw new MirrorsanError('VOLUME_NOT_FOUND', `volume ${name} does not exist`);
@@ -391,6 +465,23 @@ export class EtcdCoordinator implements Coordinator {
 
   private checkOpen(): void {
     if (this.closed) throw new MirrorsanError('COORD_CLOSED', 'etcd coordinator is closed');
+  }
+
+  /**
+   * A read may be sent again when a member fails or the leader changes (it changes nothing);
+   * a write may not (it may have been applied), so writes use call() and report "unknown".
+   */
+  private async read<T>(what: string, body: () => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.call(what, body);
+      } catch (error) {
+        const cause = error instanceof MirrorsanError ? error.cause : undefined;
+        const retriable = isMemberFailure(cause) || (cause instanceof Error && cause.message.includes('leader changed'));
+        if (!isMirrorsanError(error, 'COORD_UNAVAILABLE') || !retriable || attempt >= READ_ATTEMPTS_MAX) throw error;
+        await new Promise((resolve) => setTimeout(resolve, READ_RETRY_DELAY_MS * attempt));
+      }
+    }
   }
 
   /** Runs one etcd call: the client's errors become COORD_UNAVAILABLE (or COORD_CLOSED). */

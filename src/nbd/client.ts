@@ -6,7 +6,7 @@ import { once } from 'node:events';
 import * as net from 'node:net';
 import type { Duplex } from 'node:stream';
 import * as tls from 'node:tls';
-import { MirrorsanError, assert, isMirrorsanError } from '../errors.js';
+import { MirrorsanError, assert } from '../errors.js';
 import { ChunkQueue } from './chunk-queue.js';
 import {
   ReplyParser,
@@ -748,7 +748,7 @@ export class NbdClient {
 
   private fail(error: Error): void {
     if (this.failure === undefined) {
-      this.failure = isMirrorsanError(error) && error instanceof NbdClientError ? error : new NbdClientError(error.message, { cause: error });
+      this.failure = error instanceof NbdClientError ? error : new NbdClientError(error.message, { cause: error });
     }
     const waiter = this.waiter;
     this.waiter = undefined;

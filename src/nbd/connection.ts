@@ -10,7 +10,7 @@
 // without reading replies, or floods requests, holds at most its caps of server memory.
 import type { Duplex } from 'node:stream';
 import * as tls from 'node:tls';
-import { MirrorsanError, assert, isMirrorsanError, type ErrorCode } from '../errors.js';
+import { assert, isMirrorsanError, type ErrorCode } from '../errors.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, DeviceGeometry, ExportRegistry, Extent, ReadPiece } from '../volume/device.js';
 import { ChunkQueue } from './chunk-queue.js';
@@ -593,16 +593,21 @@ export class Connection {
     this.phaseValue = 'starttls';
     const raw = this.stream;
     this.detachReader(raw);
-    // From here the TLS socket reports the end of the connection; keep onError on the raw
-    // socket so that a late error there is logged rather than thrown.
-    raw.off('close', this.onClose);
     // Bytes the client sends from now on are its TLS ClientHello: leave them in the socket
     // (or its read buffer, which TLSSocket takes over) rather than in our queue.
     raw.pause();
     this.flushNow();
-    raw.write(encodeOptionReply(OPT.STARTTLS, REP.ACK), () => {
+    // The ACK must be on the wire before TLS takes the socket over.
+    raw.write(encodeOptionReply(OPT.STARTTLS, REP.ACK), (error) => {
       if (this.phaseValue !== 'starttls') return;
+      if (error) {
+        this.destroy();
+        return;
+      }
       const secure = new tls.TLSSocket(raw, { isServer: true, secureContext: tlsConfig.context });
+      // From here the TLS socket reports the end of the connection; onError stays on the raw
+      // socket so that a late error there is logged rather than thrown.
+      raw.off('close', this.onClose);
       this.stream = secure;
       this.watch(secure);
       secure.once('secure', () => {

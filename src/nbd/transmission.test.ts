@@ -4,11 +4,9 @@ import { after, before, describe, it } from 'node:test';
 import { MirrorsanError } from '../errors.js';
 import { MemoryDevice } from '../volume/memory-device.js';
 import { NbdClient, NbdClientError, type NbdClientOptions, type RawReply } from './client.js';
-import { decodeOffsetData, decodeOffsetHole } from './codec.js';
+import { decodeOffsetData, decodeOffsetHole, encodeInfoRequestData, encodeRequestHeader } from './codec.js';
 import { HookedDevice, RawConnection, pattern, startServer, type TestServer } from './fixtures.js';
-import { CMD, CMD_FLAG, ERRNO, REPLY_TYPE } from './protocol.js';
-import { encodeInfoRequestData, encodeRequestHeader } from './codec.js';
-import { OPT, REP } from './protocol.js';
+import { CMD, CMD_FLAG, ERRNO, OPT, REP, REPLY_TYPE } from './protocol.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -72,8 +70,21 @@ describe('NBD transmission', () => {
         await client.flush();
         assert.equal(t.device.counters.flushes, flushes + 1);
         await client.cache(base, MiB);
-        const flushWithFua = await client.rawRequest({ type: CMD.FLUSH, flags: CMD_FLAG.FUA });
-        assert.equal(flushWithFua.error, 0);
+        // [NBD: NBD_CMD_FLAG_FUA] valid on every command once SEND_FUA is advertised.
+        const withFua: Array<Parameters<NbdClient['rawRequest']>[0]> = [
+          { type: CMD.READ, offset: base, length: 512 },
+          { type: CMD.WRITE, offset: base, payload: data.subarray(0, 512) },
+          { type: CMD.FLUSH },
+          { type: CMD.TRIM, offset: base + 512 * KiB, length: 4096 },
+          { type: CMD.CACHE, offset: base, length: 4096 },
+          { type: CMD.WRITE_ZEROES, offset: base + 512 * KiB, length: 4096 },
+        ];
+        if (mode !== 'simple') withFua.push({ type: CMD.BLOCK_STATUS, offset: base, length: 4096 });
+        for (const request of withFua) {
+          const flags = CMD_FLAG.FUA | (mode === 'extended' && request.type === CMD.WRITE ? CMD_FLAG.PAYLOAD_LEN : 0);
+          const reply = await client.rawRequest({ ...request, flags });
+          assert.equal(reply.error, 0, `FUA on command ${request.type}`);
+        }
         await client.disconnect();
       });
 

@@ -112,13 +112,14 @@ async function startMirrorsan(workDir: string, options: UpOptions): Promise<UpCl
   const nodeCount = options.nodes ?? 1;
   const volume = options.volume ?? 'vol0';
   const size = options.size ?? '64MiB';
-  const dir = path.join(workDir, 'cluster');
   const readyTimeoutMs = options.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS;
   const portOffsets: number[] = [];
   for (let i = 0; i < nodeCount; i++) portOffsets.push(i, 100 + i, 200 + i);
 
   let lastError: Error | undefined;
   for (let attempt = 0; attempt < START_ATTEMPTS; attempt++) {
+    // A fresh --dir per attempt: a failed start may have left half a cluster behind.
+    const dir = path.join(workDir, attempt === 0 ? 'cluster' : `cluster-${attempt}`);
     const basePort = await pickBasePort(portOffsets);
     const args = [CLI_PATH, 'up', '--nodes', String(nodeCount), '--dir', dir, '--volume', volume, '--size', size, '--base-port', String(basePort), '--json'];
     if (options.tls) {
