@@ -94,6 +94,11 @@ export interface RegisterOptions {
   waitForPreviousMs?: number;
 }
 
+/**
+ * Every method may fail with COORD_UNAVAILABLE (backend unreachable or too slow) or
+ * COORD_CLOSED; invalid arguments are CONFIG_INVALID (names, specs) or assertion failures
+ * (record transitions: a bug in the caller).
+ */
 export interface Coordinator {
   registerNode(registration: NodeRegistrationInput, options: RegisterOptions): Promise<NodeSession>;
   /** Registrations whose lease is alive; a node missing here has definitely lost its lease. */
@@ -108,7 +113,9 @@ export interface Coordinator {
   /**
    * Replaces the record if its epoch is expectedEpoch (null: only if there is no record).
    * next.epoch must be expectedEpoch + 1 (on create: at least 1): epochs only ever grow by one
-   * step per change. Fails with VOLUME_NOT_FOUND when the volume has no spec.
+   * step per change. Fails with VOLUME_NOT_FOUND when the volume has no spec. A rejection
+   * with COORD_UNAVAILABLE means the outcome is unknown (the change may have been applied):
+   * re-read the record before deciding anything.
    */
   casVolumeRecord(name: string, expectedEpoch: number | null, next: VolumeRecord): Promise<CasResult>;
   /**

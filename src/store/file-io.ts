@@ -54,7 +54,82 @@ export async function writevAll(fd: number, buffers: readonly Buffer[], position
   return calls;
 }
 
-export function writeAll(fd: number, data: Buffer, position: number): Promise<void> {
+/**
+ * Small positional reads and writes that hit the page cache take a few microseconds, while a
+ * trip through libuv's thread pool costs several times that in wake-ups and context switches
+ * (measured here: 4k random reads at 0.35x nbdkit through the pool, most of the time spent
+ * handing work to threads). So small I/O runs inline on the event loop, until one inline call
+ * is slow (a page-cache miss, or writeback throttling): then, for a cool-down period, all I/O
+ * goes through the pool again, so a slow disk never stalls every connection for long.
+ */
+export class InlineIoPolicy {
+  /** Requests up to this size may run inline. 0 disables inline I/O. */
+  readonly inlineMaxBytes: number;
+  /** An inline call slower than this sends I/O back to the pool. */
+  readonly slowCallNs: bigint;
+  readonly cooldownMs: number;
+  private poolUntilMs = 0;
+  inlineCalls = 0;
+  slowInlineCalls = 0;
+
+  constructor(options: { inlineMaxBytes?: number; slowCallUs?: number; cooldownMs?: number } = {}) {
+    this.inlineMaxBytes = options.inlineMaxBytes ?? 64 * 1024;
+    this.slowCallNs = BigInt(Math.round((options.slowCallUs ?? 500) * 1000));
+    this.cooldownMs = options.cooldownMs ?? 1000;
+  }
+
+  useInline(lengthBytes: number): boolean {
+    return lengthBytes <= this.inlineMaxBytes && (this.poolUntilMs === 0 || performance.now() >= this.poolUntilMs);
+  }
+
+  /** Runs `call` inline and times it. */
+  time<T>(call: () => T): T {
+    const started = process.hrtime.bigint();
+    try {
+      return call();
+    } finally {
+      this.inlineCalls++;
+      if (process.hrtime.bigint() - started > this.slowCallNs) {
+        this.slowInlineCalls++;
+        this.poolUntilMs = performance.now() + this.cooldownMs;
+      }
+    }
+  }
+}
+
+/** Policy for callers that pass none: everything through the thread pool. */
+const POOL_ONLY = new InlineIoPolicy({ inlineMaxBytes: 0 });
+
+function writeAllInline(fd: number, data: Buffer, position: number): void {
+  let done = 0;
+  while (done < data.length) {
+    const written = fs.writeSync(fd, data, done, data.length - done, position + done);
+    if (written <= 0) throw Object.assign(new Error('write returned 0 bytes'), { code: 'EIO' });
+    done += written;
+  }
+}
+
+function readAllInline(fd: number, target: Buffer, position: number): void {
+  let done = 0;
+  while (done < target.length) {
+    const read = fs.readSync(fd, target, done, target.length - done, position + done);
+    if (read === 0) {
+      target.fill(0, done);
+      return;
+    }
+    done += read;
+  }
+}
+
+export function writeAll(fd: number, data: Buffer, position: number, policy: InlineIoPolicy = POOL_ONLY): Promise<void> {
+  if (policy.useInline(data.length)) {
+    try {
+      policy.time(() => writeAllInline(fd, data, position));
+      return Promise.resolve();
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
   return new Promise((resolve, reject) => {
     const step = (done: number): void => {
       fs.write(fd, data, done, data.length - done, position + done, (error, written) => {
@@ -70,7 +145,15 @@ export function writeAll(fd: number, data: Buffer, position: number): Promise<vo
 }
 
 /** Fills `target` from `position`; bytes past the end of the file read as zeros. */
-export function readAll(fd: number, target: Buffer, position: number): Promise<void> {
+export function readAll(fd: number, target: Buffer, position: number, policy: InlineIoPolicy = POOL_ONLY): Promise<void> {
+  if (policy.useInline(target.length)) {
+    try {
+      policy.time(() => readAllInline(fd, target, position));
+      return Promise.resolve();
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
   return new Promise((resolve, reject) => {
     const step = (done: number): void => {
       fs.read(fd, target, done, target.length - done, position + done, (error, read) => {

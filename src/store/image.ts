@@ -10,7 +10,7 @@ import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import { MirrorsanError, assert } from '../errors.js';
 import type { Logger } from '../util/log.js';
-import { closeFd, errorCode, fdatasync, fstatSize, ftruncate, openFd, readAll, writeAll, writevAll } from './file-io.js';
+import { InlineIoPolicy, closeFd, errorCode, fdatasync, fstatSize, ftruncate, openFd, readAll, writeAll, writevAll } from './file-io.js';
 
 export const PUNCH_HOLE_MIN_BYTES = 1024 * 1024;
 /** One shared buffer of zeros, passed many times as an iovec: zero writes allocate nothing. */
@@ -34,6 +34,8 @@ export interface ImageOpenOptions {
   create: boolean;
   logger: Logger;
   faults?: ImageFaults;
+  /** Reads and writes up to this size may run inline on the event loop. Default 64 KiB; 0 never. */
+  inlineIoMaxBytes?: number;
 }
 
 export interface ImageStats {
@@ -53,8 +55,11 @@ export class ImageFile {
   /** Cleared after the first failed punch: from then on every free is a zero write. */
   private punchAvailable = true;
   private readonly counters: ImageStats = { datasyncs: 0, punchedBytes: 0, zeroWrittenBytes: 0 };
+  /** Small reads and writes run inline while the page cache answers fast (see InlineIoPolicy). */
+  readonly ioPolicy: InlineIoPolicy;
 
   private constructor(options: ImageOpenOptions, fd: number) {
+    this.ioPolicy = new InlineIoPolicy({ inlineMaxBytes: options.inlineIoMaxBytes ?? 64 * 1024 });
     this.path = options.path;
     this.sizeBytes = options.sizeBytes;
     this.blockSizeBytes = options.blockSizeBytes;
@@ -96,7 +101,7 @@ export class ImageFile {
   async read(offset: number, target: Buffer): Promise<void> {
     this.checkRange(offset, target.length);
     try {
-      await readAll(this.fd, target, offset);
+      await readAll(this.fd, target, offset, this.ioPolicy);
     } catch (error) {
       throw this.ioError('read', offset, target.length, error);
     }
@@ -109,7 +114,7 @@ export class ImageFile {
     this.checkRange(offset, length);
     this.injectFault('write', offset, length);
     try {
-      if (buffers.length === 1) await writeAll(this.fd, buffers[0]!, offset);
+      if (buffers.length === 1) await writeAll(this.fd, buffers[0]!, offset, this.ioPolicy);
       else await writevAll(this.fd, buffers, offset);
     } catch (error) {
       throw this.ioError('write', offset, length, error);
