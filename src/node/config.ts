@@ -35,6 +35,8 @@ export interface NodeConfig {
   tls: TlsConfig | null;
   checkpointLogBytes: number;
   checkpointIntervalMs: number;
+  /** Aligned writes at least this large skip the log's payload and go to the image only. */
+  directWriteMinBytes: number;
   /** libuv thread pool size: file I/O parallelism. */
   threadPoolSize: number;
 }
@@ -139,6 +141,7 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
     tls,
     checkpointLogBytes: asSize(object.checkpointLogBytes ?? 256 * 1024 * 1024, 'checkpointLogBytes'),
     checkpointIntervalMs,
+    directWriteMinBytes: asSize(object.directWriteMinBytes ?? 64 * 1024, 'directWriteMinBytes'),
     threadPoolSize,
   });
 }

@@ -68,6 +68,7 @@ export class MirrorsanNode {
         logger: volumeLogger,
         checkpointLogBytes: config.checkpointLogBytes,
         checkpointIntervalMs: config.checkpointIntervalMs,
+        directWriteMinBytes: config.directWriteMinBytes,
       });
       const { recovery } = volume;
       if (recovery.replayedEntries > 0 || recovery.cutTail) {

@@ -42,6 +42,10 @@ export interface ImageStats {
   datasyncs: number;
   punchedBytes: number;
   zeroWrittenBytes: number;
+  /** Small reads/writes done inline on the event loop, how many were slow, and how often that sent I/O back to the pool. */
+  inlineCalls: number;
+  slowInlineCalls: number;
+  inlineFallbacks: number;
 }
 
 export class ImageFile {
@@ -54,7 +58,7 @@ export class ImageFile {
   private closed = false;
   /** Cleared after the first failed punch: from then on every free is a zero write. */
   private punchAvailable = true;
-  private readonly counters: ImageStats = { datasyncs: 0, punchedBytes: 0, zeroWrittenBytes: 0 };
+  private readonly counters = { datasyncs: 0, punchedBytes: 0, zeroWrittenBytes: 0 };
   /** Small reads and writes run inline while the page cache answers fast (see InlineIoPolicy). */
   readonly ioPolicy: InlineIoPolicy;
 
@@ -94,7 +98,12 @@ export class ImageFile {
   }
 
   stats(): ImageStats {
-    return { ...this.counters };
+    return {
+      ...this.counters,
+      inlineCalls: this.ioPolicy.inlineCalls,
+      slowInlineCalls: this.ioPolicy.slowInlineCalls,
+      inlineFallbacks: this.ioPolicy.fallbacks,
+    };
   }
 
   /** Reads [offset, offset+target.length) into `target`. */

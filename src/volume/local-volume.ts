@@ -102,8 +102,11 @@ export interface LocalVolumeStats {
   /** fdatasync calls on the log (each may serve many FLUSH/FUA requests). */
   syncs: number;
   groupCommitBatches: number;
-  /** fdatasync calls on the image (one per checkpoint). */
+  /** fdatasync calls on the image (checkpoints, and FLUSH/FUA after direct writes). */
   imageSyncs: number;
+  /** Small image I/O done inline on the event loop, and how often slowness sent it back to the pool. */
+  inlineIoCalls: number;
+  inlineIoFallbacks: number;
   checkpoints: number;
 }
 
@@ -413,6 +416,7 @@ export class LocalVolume implements BlockDevice {
 
   stats(): LocalVolumeStats {
     const wal = this.wal.stats();
+    const image = this.image.stats();
     return {
       lastSequence: this.sequence,
       checkpointSequence: this.checkpointSequence,
@@ -422,7 +426,9 @@ export class LocalVolume implements BlockDevice {
       allocatedBytes: this.map.allocatedBlocks * this.blockSizeBytes,
       syncs: wal.syncs,
       groupCommitBatches: wal.groupCommitBatches,
-      imageSyncs: this.image.stats().datasyncs,
+      imageSyncs: image.datasyncs,
+      inlineIoCalls: image.inlineCalls,
+      inlineIoFallbacks: image.inlineFallbacks,
       checkpoints: this.checkpointCount,
     };
   }
