@@ -17,7 +17,15 @@ function writevOnce(fd: number, buffers: Buffer[], position: number): Promise<nu
  * Writes `buffers` back to back at `position` with as few pwritev calls as IOV_MAX allows,
  * finishing short writes. Returns the number of writev calls made.
  */
-export async function writevAll(fd: number, buffers: readonly Buffer[], position: number): Promise<number> {
+export async function writevAll(
+  fd: number,
+  buffers: readonly Buffer[],
+  position: number,
+  policy: InlineIoPolicy = POOL_ONLY,
+): Promise<number> {
+  let total = 0;
+  for (const buffer of buffers) total += buffer.length;
+  const inline = policy.useInline(total);
   let calls = 0;
   let index = 0;
   let at = position;
@@ -30,7 +38,8 @@ export async function writevAll(fd: number, buffers: readonly Buffer[], position
     if (pending.length === 0) break;
     let requested = 0;
     for (const buffer of pending) requested += buffer.length;
-    const written = await writevOnce(fd, pending, at);
+    const batch = pending;
+    const written = inline ? policy.time(() => fs.writevSync(fd, batch, at)) : await writevOnce(fd, pending, at);
     calls++;
     if (written <= 0) throw Object.assign(new Error(`writev wrote ${written} of ${requested} bytes`), { code: 'EIO' });
     at += written;
