@@ -1,6 +1,7 @@
 // The `mirrorsan` command: thin commands over the library. Every failure prints one line
 // with the error code and exits non-zero; stack traces only for programmer errors.
 import { Command, Option } from 'commander';
+import { createRequire } from 'node:module';
 import { isMirrorsanError } from '../errors.js';
 import { runNodeCommand } from './node-command.js';
 import { runStatusCommand } from './status-command.js';
@@ -19,6 +20,7 @@ const program = new Command();
 program
   .name('mirrorsan')
   .description('A virtual SAN: servers with local disks export mirrored block volumes over NBD.')
+  .version((createRequire(import.meta.url)('../../../package.json') as { version: string }).version)
   .showHelpAfterError();
 
 program
