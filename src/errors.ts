@@ -32,6 +32,17 @@ export const ERROR_CODES = {
   COORD_CORRUPT: 'a coordinator entry could not be parsed or breaks its invariants',
   COORD_CLOSED: 'the coordinator client is closed',
   COORD_NODE_ID_TAKEN: 'another live registration holds this node id and its lease did not expire in time',
+  // Replication (src/replication/)
+  REPL_BAD_FRAME: 'a peer sent a malformed replication frame (magic, type, flags or a field); the connection is closed',
+  REPL_CRC_MISMATCH: 'a replication frame failed its CRC32C check (corrupted in transit); the connection is closed',
+  REPL_VERSION_MISMATCH: 'a peer speaks another replication protocol version; the connection is closed',
+  REPL_FRAME_TOO_LARGE: 'a peer announced a frame body over the limit; refused before any of it was buffered',
+  REPL_AUTH: 'a peer failed authentication (wrong HMAC, unknown or unexpected node id, frame out of order)',
+  REPL_CLUSTER_MISMATCH: 'a peer belongs to another cluster (its cluster id differs from ours)',
+  REPL_HANDSHAKE_TIMEOUT: 'a peer did not finish the authentication handshake in time',
+  REPL_BUSY: 'the peer port refused a connection: too many unauthenticated connections at once',
+  REPL_EPOCH_STALE: 'a frame carries an epoch older than the receiver\'s for its volume; refused, never applied',
+  REPL_PEER_CLOSED: 'a peer link closed or was declared dead (no frame received within the dead-after time)',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -5,7 +5,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { AdminServer, MetricsText } from '../admin/http.js';
 import { renderDashboard } from '../admin/dashboard.js';
-import { MirrorsanError } from '../errors.js';
+import { MirrorsanError, isMirrorsanError } from '../errors.js';
 import { NbdServer } from '../nbd/server.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, ExportRegistry } from '../volume/device.js';
@@ -42,6 +42,7 @@ export class MirrorsanNode {
   private readonly logger: Logger;
   private readonly volumes = new Map<string, LocalVolume>();
   private readonly registry = new VolumeRegistry();
+  private readonly failedVolumes: { name: string; code: string; message: string }[] = [];
   private nbdServer: NbdServer | undefined;
   private adminServer: AdminServer | undefined;
   private peerServer: net.Server | undefined;
@@ -59,17 +60,28 @@ export class MirrorsanNode {
     fs.mkdirSync(config.dataDir, { recursive: true });
     for (const volumeConfig of config.volumes) {
       const volumeLogger = this.logger.child(`volume ${volumeConfig.name}`);
-      const volume = await LocalVolume.open({
-        dir: path.join(config.dataDir, 'volumes', volumeConfig.name),
-        name: volumeConfig.name,
-        sizeBytes: volumeConfig.sizeBytes,
-        description: volumeConfig.description,
-        readOnly: volumeConfig.readOnly,
-        logger: volumeLogger,
-        checkpointLogBytes: config.checkpointLogBytes,
-        checkpointIntervalMs: config.checkpointIntervalMs,
-        directWriteMinBytes: config.directWriteMinBytes,
-      });
+      let volume: LocalVolume;
+      try {
+        volume = await LocalVolume.open({
+          dir: path.join(config.dataDir, 'volumes', volumeConfig.name),
+          name: volumeConfig.name,
+          sizeBytes: volumeConfig.sizeBytes,
+          description: volumeConfig.description,
+          readOnly: volumeConfig.readOnly,
+          logger: volumeLogger,
+          checkpointLogBytes: config.checkpointLogBytes,
+          checkpointIntervalMs: config.checkpointIntervalMs,
+          directWriteMinBytes: config.directWriteMinBytes,
+        });
+      } catch (error) {
+        // One volume that cannot open (a corrupt log, a missing image) must not take the
+        // others down: it is left unexported, with the reason in the log and in /v1/status.
+        const code = isMirrorsanError(error) ? error.code : 'STORE_IO';
+        const message = error instanceof Error ? error.message : String(error);
+        volumeLogger.error('volume failed to open; it is not exported', { code, error: message });
+        this.failedVolumes.push({ name: volumeConfig.name, code, message });
+        continue;
+      }
       const { recovery } = volume;
       if (recovery.replayedEntries > 0 || recovery.cutTail) {
         volumeLogger.info('log replay done', {
@@ -131,6 +143,7 @@ export class MirrorsanNode {
         recovery: volume.recovery,
         ...volume.stats(),
       })),
+      failedVolumes: this.failedVolumes,
     };
   }
 
