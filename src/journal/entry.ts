@@ -1,11 +1,11 @@
 // The log entry codec: pure (no I/O), shared by the local write-ahead log and, later, the
-// mirror engine's per-source containers and wire frames. An entry is a fixed 48-byte header
+// mirror engine's per-source containers and wire frames. An entry is a fixed 52-byte header
 // followed by its payload; the header is encoded on its own so that writers hand the payload
 // to writev as a separate iovec and never copy it.
 //
 // Header layout (little-endian):
 //   0  u32 magic          "MSWL"
-//   4  u8  version        1
+//   4  u8  version        2
 //   5  u8  type           WRITE=1, ZERO=2, TRIM=3, DIRECT_WRITE=4
 //   6  u16 flags          opaque to the codec (carried for the mirror engine)
 //   8  u32 sourceId       the node whose log this entry belongs to
@@ -13,19 +13,30 @@
 //  16  u64 sequence       position in the source's log, 1-based, < 2^53
 //  24  u64 offset         absolute byte offset in the volume
 //  32  u64 lengthBytes    WRITE: payload length; ZERO/TRIM: length of the range
-//  40  u32 payloadCrc     CRC32C of the payload (0 for an empty payload)
-//  44  u32 headerCrc      CRC32C of bytes 0..44, so it covers payloadCrc too
+//  40  u32 generation     tag of the container life the entry was written into (see below)
+//  44  u32 payloadCrc     CRC32C of the payload (0 for an empty payload)
+//  48  u32 headerCrc      CRC32C of bytes 0..48, so it covers generation and payloadCrc too
 //
 // Why two CRCs instead of one over header+payload: together they protect exactly the same
 // bytes, but a header that checks out on its own can be trusted for its length. Recovery
 // uses that to tell a torn tail (the last entry is incomplete) from corruption (an invalid
 // entry followed by valid ones) without misreading a payload that happens to contain
 // bytes shaped like an entry (a guest storing a copy of a mirrorsan log, say).
+//
+// Why a generation: log files are preallocated and reused (a segment dropped at a
+// checkpoint becomes the next spare), so the bytes after the last entry of a container are
+// not zeros but whatever an earlier life of the file left there, well-formed old entries
+// included. Each life draws a random generation and every entry carries it under its
+// header CRC, so an entry of an earlier life never passes as one of this life, even when
+// its sequence happens to be the one expected next (sequences are reused after a crash cut
+// a tail). Readers pass the generation they expect; 0 means "not in a container" (wire).
 import { crc32c } from '../util/crc32c.js';
 
 export const ENTRY_MAGIC = 0x4c57534d; // "MSWL" as bytes on disk
-export const ENTRY_VERSION = 1;
-export const ENTRY_HEADER_BYTES = 48;
+export const ENTRY_VERSION = 2;
+export const ENTRY_HEADER_BYTES = 52;
+/** Bytes covered by the header CRC: everything before it. */
+const HEADER_CRC_AT = 48;
 /** Sanity bound on payloadLength: a garbage header never makes a reader allocate more. */
 export const ENTRY_PAYLOAD_MAX_BYTES = 64 * 1024 * 1024;
 
@@ -107,13 +118,17 @@ function encodeProblem(entry: LogEntry, payloadLength: number): string | undefin
 }
 
 /**
- * The header of `entry` with both CRCs filled in. The payload is only read (for its CRC):
+ * The header of `entry` with both CRCs filled in, tagged with `generation` (the container
+ * life it is written into; 0 outside containers). The payload is only read (for its CRC):
  * the caller writes it after the header, as its own iovec.
  */
-export function encodeHeader(entry: LogEntry, payload?: Uint8Array): Buffer {
+export function encodeHeader(entry: LogEntry, payload?: Uint8Array, generation = 0): Buffer {
   const payloadLength = payload?.length ?? 0;
   const problem = encodeProblem(entry, payloadLength);
   if (problem !== undefined) throw new Error(`assertion failed: cannot encode log entry: ${problem}`);
+  if (!Number.isInteger(generation) || generation < 0 || generation > 0xffff_ffff) {
+    throw new Error(`assertion failed: cannot encode log entry: generation ${generation} is not a u32`);
+  }
   const header = Buffer.allocUnsafe(ENTRY_HEADER_BYTES);
   header.writeUInt32LE(ENTRY_MAGIC, 0);
   header.writeUInt8(ENTRY_VERSION, 4);
@@ -124,9 +139,23 @@ export function encodeHeader(entry: LogEntry, payload?: Uint8Array): Buffer {
   writeU64(header, entry.sequence, 16);
   writeU64(header, entry.offset, 24);
   writeU64(header, entry.lengthBytes, 32);
-  header.writeUInt32LE(payloadLength === 0 ? 0 : crc32c(payload!), 40);
-  header.writeUInt32LE(crc32c(header.subarray(0, 44)), 44);
+  header.writeUInt32LE(generation, 40);
+  header.writeUInt32LE(payloadLength === 0 ? 0 : crc32c(payload!), 44);
+  header.writeUInt32LE(crc32c(header.subarray(0, HEADER_CRC_AT)), HEADER_CRC_AT);
   return header;
+}
+
+/**
+ * Re-tags an encoded header with another generation in place (the header CRC is redone;
+ * the payload CRC stays valid): for an entry encoded before the writer knew which
+ * container it would land in.
+ */
+export function retagHeader(header: Buffer, generation: number): void {
+  if (header.length !== ENTRY_HEADER_BYTES || !Number.isInteger(generation) || generation < 0 || generation > 0xffff_ffff) {
+    throw new Error('assertion failed: retagHeader needs an encoded header and a u32 generation');
+  }
+  header.writeUInt32LE(generation, 40);
+  header.writeUInt32LE(crc32c(header.subarray(0, HEADER_CRC_AT)), HEADER_CRC_AT);
 }
 
 /** A header that checked out: its fields can be trusted, its payload not yet. */
@@ -134,6 +163,7 @@ export interface DecodedHeader {
   entry: LogEntry;
   payloadLength: number;
   payloadCrc: number;
+  generation: number;
 }
 
 export type HeaderCheck = { ok: true; header: DecodedHeader } | { ok: false; reason: string };
@@ -141,8 +171,8 @@ export type HeaderCheck = { ok: true; header: DecodedHeader } | { ok: false; rea
 /** Validates the ENTRY_HEADER_BYTES bytes at `at` (the caller guarantees they are there). */
 export function checkHeaderAt(buf: Uint8Array, at: number): HeaderCheck {
   if (readU32(buf, at) !== ENTRY_MAGIC) return { ok: false, reason: 'bad magic' };
-  const headerCrc = readU32(buf, at + 44);
-  if (crc32c(buf.subarray(at, at + 44)) !== headerCrc) return { ok: false, reason: 'header crc mismatch' };
+  const headerCrc = readU32(buf, at + HEADER_CRC_AT);
+  if (crc32c(buf.subarray(at, at + HEADER_CRC_AT)) !== headerCrc) return { ok: false, reason: 'header crc mismatch' };
   // From here on the bytes are what a writer wrote; a failed check below means a writer of
   // another version (or a bug), which is still not something to apply.
   const version = buf[at + 4]!;
@@ -158,7 +188,7 @@ export function checkHeaderAt(buf: Uint8Array, at: number): HeaderCheck {
   const entry: LogEntry = { type, flags, sourceId, sequence, offset, lengthBytes };
   const problem = sequence < 0 || offset < 0 || lengthBytes < 0 ? 'u64 field >= 2^53' : encodeProblem(entry, payloadLength);
   if (problem !== undefined) return { ok: false, reason: problem };
-  return { ok: true, header: { entry, payloadLength, payloadCrc: readU32(buf, at + 40) } };
+  return { ok: true, header: { entry, payloadLength, payloadCrc: readU32(buf, at + 44), generation: readU32(buf, at + 40) } };
 }
 
 export type DecodeStep =
@@ -173,15 +203,26 @@ export type DecodeStep =
    * Not a valid entry. With `headerTrusted` the header checked out (only the payload is
    * bad) and `sizeBytes` is the entry's extent; otherwise nothing about it can be believed.
    */
-  | { status: 'invalid'; reason: string; headerTrusted: boolean; sizeBytes: number };
+  | { status: 'invalid'; reason: string; headerTrusted: boolean; sizeBytes: number }
+  /**
+   * A well-formed header of another generation: left by an earlier life of a reused
+   * container. Not part of this log, and not damage either.
+   */
+  | { status: 'foreign'; generation: number };
 
-/** Decodes the entry starting at `at` in `buf`, whose end is the end of the known input. */
-export function decodeEntryAt(buf: Buffer, at: number): DecodeStep {
+export type NonEntryStep = Exclude<DecodeStep, { status: 'entry' }>;
+
+/**
+ * Decodes the entry starting at `at` in `buf`, whose end is the end of the known input;
+ * only entries tagged with `generation` count as entries.
+ */
+export function decodeEntryAt(buf: Buffer, at: number, generation = 0): DecodeStep {
   if (buf.length - at < ENTRY_HEADER_BYTES) {
     return { status: 'incomplete', neededBytes: ENTRY_HEADER_BYTES, headerTrusted: false };
   }
   const check = checkHeaderAt(buf, at);
   if (!check.ok) return { status: 'invalid', reason: check.reason, headerTrusted: false, sizeBytes: 0 };
+  if (check.header.generation !== generation) return { status: 'foreign', generation: check.header.generation };
   const { entry, payloadLength, payloadCrc } = check.header;
   const sizeBytes = entrySizeBytes(payloadLength);
   if (buf.length - at < sizeBytes) return { status: 'incomplete', neededBytes: sizeBytes, headerTrusted: true };
@@ -193,38 +234,67 @@ export function decodeEntryAt(buf: Buffer, at: number): DecodeStep {
   return { status: 'entry', entry, payload, sizeBytes };
 }
 
+/** Why a step is not an entry, in words for logs and errors. */
+export function stepReason(step: NonEntryStep): string {
+  if (step.status === 'incomplete') return step.headerTrusted ? 'incomplete entry' : 'incomplete header';
+  if (step.status === 'foreign') return `entry of generation ${step.generation} (an earlier life of the file)`;
+  return step.reason;
+}
+
 /**
- * The index of the first header at or after `from` that checks out and has a sequence above
- * `sequenceAbove`, considering only headers that lie wholly inside `buf`; -1 if none.
- * Recovery uses it to decide whether anything valid follows a bad entry.
+ * The index of the first header at or after `from` that checks out, carries `generation`
+ * and has a sequence above `sequenceAbove`, considering only headers that lie wholly inside
+ * `buf`; -1 if none. Recovery uses it to decide whether anything valid follows a bad entry.
  */
-export function findValidHeader(buf: Buffer, from: number, sequenceAbove: number): number {
+export function findValidHeader(buf: Buffer, from: number, sequenceAbove: number, generation = 0): number {
   let at = from;
   while (at + ENTRY_HEADER_BYTES <= buf.length) {
     const candidate = buf.indexOf(MAGIC_BYTES, at);
     if (candidate < 0 || candidate + ENTRY_HEADER_BYTES > buf.length) return -1;
     const check = checkHeaderAt(buf, candidate);
-    if (check.ok && check.header.entry.sequence > sequenceAbove) return candidate;
+    if (check.ok && check.header.generation === generation && check.header.entry.sequence > sequenceAbove) return candidate;
     at = candidate + 1;
   }
   return -1;
 }
 
+/** Where the search for valid entries after a bad one starts: a trusted header vouches for its own extent. */
+export function scanStartAfter(step: NonEntryStep, badAt: number): number {
+  return step.status === 'invalid' && step.headerTrusted ? badAt + step.sizeBytes : badAt + 1;
+}
+
+const ZERO_CHUNK = Buffer.alloc(64 * 1024);
+
+/** Whether `buf[start, end)` holds only zero bytes. */
+export function isZeroRange(buf: Uint8Array, start: number, end: number): boolean {
+  for (let at = start; at < end; at += ZERO_CHUNK.length) {
+    const stop = Math.min(end, at + ZERO_CHUNK.length);
+    if (Buffer.compare(buf.subarray(at, stop), ZERO_CHUNK.subarray(0, stop - at)) !== 0) return false;
+  }
+  return true;
+}
+
 /**
- * Where a bad entry at `badAt` leaves a log held wholly in `buf`: 'torn' when nothing valid
- * follows it (an interrupted append, cut at recovery), otherwise the offset of the valid
- * header that proves the log corrupt. A trusted header lets the scan skip that entry's own
- * payload, which may legitimately contain entry-shaped bytes.
+ * What a log's end means, given the step where its entries stop (and after ruling out
+ * corruption: no valid entry follows). Two kinds of container:
+ * - a fresh one (`staleTail` false: a new file, or one preallocated with zeros) holds only
+ *   zeros past what this life wrote, so any non-zero byte at or after the end was written
+ *   by this life and is a torn entry;
+ * - a reused one (`staleTail` true) holds an earlier life's bytes past the end, so only a
+ *   header of this generation (whose payload is incomplete or wrong) proves a torn entry;
+ *   anything else there is stale. A torn header is then indistinguishable from stale bytes,
+ *   and as harmless: neither is ever applied.
+ * `nonZeroAfter`: some byte at or after the end is not zero.
  */
-export function classifyBadEntry(
-  buf: Buffer,
-  badAt: number,
-  step: { headerTrusted: boolean; sizeBytes: number },
-  lastGoodSequence: number,
-): { kind: 'torn' } | { kind: 'corrupt'; validAt: number } {
-  const scanFrom = step.headerTrusted ? badAt + step.sizeBytes : badAt + 1;
-  const validAt = findValidHeader(buf, scanFrom, lastGoodSequence);
-  return validAt < 0 ? { kind: 'torn' } : { kind: 'corrupt', validAt };
+export function judgeLogEnd(
+  step: NonEntryStep,
+  tail: { staleTail: boolean; nonZeroAfter: boolean },
+): { kind: 'clean' | 'torn'; reason: string } {
+  const trusted = step.status !== 'foreign' && step.headerTrusted;
+  if (trusted) return { kind: 'torn', reason: stepReason(step) };
+  if (!tail.nonZeroAfter) return { kind: 'clean', reason: 'unwritten space (zeros)' };
+  if (!tail.staleTail) return { kind: 'torn', reason: stepReason(step) };
+  return { kind: 'clean', reason: step.status === 'foreign' ? stepReason(step) : 'stale bytes of an earlier life of the file' };
 }
 
 export interface DecodedEntry {
@@ -235,23 +305,35 @@ export interface DecodedEntry {
 }
 
 export type LogEnd =
-  | { kind: 'clean' }
-  /** The input ends with an incomplete or invalid entry and nothing valid after it. */
+  /** Entries end at `at` and nothing of this log follows: the input ends, or unwritten or stale space does. */
+  | { kind: 'clean'; at: number; reason: string }
+  /** The log ends with an incomplete or invalid entry at `at` and nothing valid after it. */
   | { kind: 'torn'; at: number; reason: string }
   /** An invalid or out-of-sequence entry at `at` with valid data after it: never applied. */
   | { kind: 'corrupt'; at: number; reason: string };
 
+export interface DecodeLogOptions {
+  /** The sequence the first entry must carry; default: whatever the first entry says. */
+  firstSequence?: number;
+  /** The generation every entry must carry. Default 0. */
+  generation?: number;
+  /** The input may hold an earlier life's bytes after the log (a reused container): see judgeLogEnd. */
+  staleTail?: boolean;
+}
+
 /**
- * Decodes a whole log image (e.g. a segment file read into memory): the prefix of valid,
- * consecutive entries and how the log ends. Sequences must increase by exactly one from
- * the first entry (or from `firstSequence` when given); a gap or duplicate is corruption.
+ * Decodes a whole log image (e.g. a segment's entries read into memory): the prefix of
+ * valid, consecutive entries and how the log ends. Sequences must increase by exactly one
+ * from the first entry (or from `firstSequence` when given); a gap or duplicate of this
+ * generation is corruption.
  */
-export function decodeLog(buf: Buffer, options: { firstSequence?: number } = {}): { entries: DecodedEntry[]; end: LogEnd } {
+export function decodeLog(buf: Buffer, options: DecodeLogOptions = {}): { entries: DecodedEntry[]; end: LogEnd } {
+  const generation = options.generation ?? 0;
   const entries: DecodedEntry[] = [];
   let expected = options.firstSequence;
   let at = 0;
   while (at < buf.length) {
-    const step = decodeEntryAt(buf, at);
+    const step = decodeEntryAt(buf, at, generation);
     if (step.status === 'entry') {
       if (expected !== undefined && step.entry.sequence !== expected) {
         return {
@@ -264,14 +346,17 @@ export function decodeLog(buf: Buffer, options: { firstSequence?: number } = {})
       at += step.sizeBytes;
       continue;
     }
-    const lastGood = expected === undefined ? 0 : expected - 1;
-    const reason = step.status === 'incomplete' ? 'incomplete entry' : step.reason;
-    if (step.status === 'incomplete') return { entries, end: { kind: 'torn', at, reason } };
-    const verdict = classifyBadEntry(buf, at, step, lastGood);
-    if (verdict.kind === 'torn') return { entries, end: { kind: 'torn', at, reason } };
-    return { entries, end: { kind: 'corrupt', at, reason: `${reason}; a valid entry follows at offset ${verdict.validAt}` } };
+    // An incomplete entry runs to the end of the input: nothing complete can follow it.
+    if (step.status !== 'incomplete') {
+      const validAt = findValidHeader(buf, scanStartAfter(step, at), expected === undefined ? 0 : expected - 1, generation);
+      if (validAt >= 0) {
+        return { entries, end: { kind: 'corrupt', at, reason: `${stepReason(step)}; a valid entry follows at offset ${validAt}` } };
+      }
+    }
+    const verdict = judgeLogEnd(step, { staleTail: options.staleTail ?? false, nonZeroAfter: !isZeroRange(buf, at, buf.length) });
+    return { entries, end: { kind: verdict.kind, at, reason: verdict.reason } };
   }
-  return { entries, end: { kind: 'clean' } };
+  return { entries, end: { kind: 'clean', at, reason: 'end of input' } };
 }
 
 export type StreamStep =
@@ -284,13 +369,19 @@ export type StreamStep =
  * Payloads are views into the pushed chunks when an entry lies in one chunk; only an entry
  * that straddles chunks is copied, once. The caller bounds memory: `next()` says how many
  * bytes the current entry needs (at most ENTRY_HEADER_BYTES + ENTRY_PAYLOAD_MAX_BYTES).
+ * Only entries of `generation` (default 0) are accepted.
  */
 export class EntryStreamDecoder {
+  private readonly generation: number;
   private chunks: Buffer[] = [];
   /** Read position inside chunks[0]. */
   private headOffset = 0;
   private buffered = 0;
   private failed: string | undefined;
+
+  constructor(options: { generation?: number } = {}) {
+    this.generation = options.generation ?? 0;
+  }
 
   get bufferedBytes(): number {
     return this.buffered;
@@ -310,6 +401,10 @@ export class EntryStreamDecoder {
     if (!check.ok) {
       this.failed = check.reason;
       return { status: 'invalid', reason: check.reason };
+    }
+    if (check.header.generation !== this.generation) {
+      this.failed = `entry of generation ${check.header.generation} where ${this.generation} was expected`;
+      return { status: 'invalid', reason: this.failed };
     }
     const { entry, payloadLength, payloadCrc } = check.header;
     const sizeBytes = entrySizeBytes(payloadLength);

@@ -7,7 +7,7 @@ import * as net from 'node:net';
 import type { Duplex } from 'node:stream';
 import * as tls from 'node:tls';
 import { MirrorsanError, assert } from '../errors.js';
-import { ChunkQueue } from './chunk-queue.js';
+import { ChunkQueue } from '../util/chunk-queue.js';
 import {
   ReplyParser,
   ServerHandshakeParser,

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import { isMirrorsanError } from '../errors.js';
-import { ChunkQueue } from './chunk-queue.js';
+import { ChunkQueue } from '../util/chunk-queue.js';
 import {
   OptionParser,
   ReplyParser,

@@ -8,7 +8,7 @@
 // view of the chunk they lie in, or are copied once into an exact-size buffer when they span
 // chunks. Every length is checked against its cap before anything is buffered for it.
 import { MirrorsanError, assert } from '../errors.js';
-import { ChunkQueue } from './chunk-queue.js';
+import { ChunkQueue } from '../util/chunk-queue.js';
 import {
   CMD,
   CMD_FLAG,

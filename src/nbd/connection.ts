@@ -13,7 +13,7 @@ import * as tls from 'node:tls';
 import { assert, isMirrorsanError, type ErrorCode } from '../errors.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, DeviceGeometry, ExportRegistry, Extent, ReadPiece } from '../volume/device.js';
-import { ChunkQueue } from './chunk-queue.js';
+import { ChunkQueue } from '../util/chunk-queue.js';
 import {
   OptionParser,
   RequestParser,

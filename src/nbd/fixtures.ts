@@ -12,7 +12,7 @@ import { Duplex } from 'node:stream';
 import { createMemoryLogger, type Logger } from '../util/log.js';
 import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from '../volume/device.js';
 import { MemoryDevice, type MemoryDeviceOptions } from '../volume/memory-device.js';
-import { ChunkQueue } from './chunk-queue.js';
+import { ChunkQueue } from '../util/chunk-queue.js';
 import { ServerHandshakeParser, encodeClientFlags, encodeOptionRequest, type OptionReply } from './codec.js';
 import { StaticExportRegistry } from './registry.js';
 import { NbdServer, type NbdServerLimits, type NbdServerTlsOptions } from './server.js';
