@@ -177,6 +177,125 @@ test('a torn entry whose payload holds a copy of a log is still a torn tail', ()
   assert.equal(decodeLog(log.subarray(0, log.length - 50)).end.kind, 'torn');
 });
 
+test('an entry of another generation is foreign: never an entry, whatever its sequence', () => {
+  const log = encodeAll(THREE, 0xdead_beef);
+  assert.equal(decodeEntryAt(log, 0, 0xdead_beef).status, 'entry');
+  assert.deepEqual(decodeEntryAt(log, 0, 7), { status: 'foreign', generation: 0xdead_beef });
+  assert.deepEqual(decodeEntryAt(log, 0).status, 'foreign', 'generation 0 (outside containers) is a generation too');
+  const decoder = new EntryStreamDecoder({ generation: 7 });
+  decoder.push(log);
+  assert.equal(decoder.next().status, 'invalid');
+  const matching = new EntryStreamDecoder({ generation: 0xdead_beef });
+  matching.push(log);
+  assert.equal(matching.next().status, 'entry');
+  // The header CRC covers the generation: changing it by hand breaks the header.
+  const forged = Buffer.from(log);
+  forged.writeUInt32LE(7, 40);
+  assert.deepEqual(decodeEntryAt(forged, 0, 7), { status: 'invalid', reason: 'header crc mismatch', headerTrusted: false, sizeBytes: 0 });
+});
+
+test('retagHeader moves an encoded entry to another generation and keeps its payload CRC', () => {
+  const s = sample(9, ENTRY_TYPE.WRITE, 300);
+  const header = encodeHeader(s.entry, s.payload, 5);
+  retagHeader(header, 6);
+  assert.deepEqual(header, encodeHeader(s.entry, s.payload, 6));
+  const step = decodeEntryAt(Buffer.concat([header, s.payload]), 0, 6);
+  assert.equal(step.status, 'entry');
+  assert.throws(() => retagHeader(header.subarray(1), 6), /assertion failed/);
+});
+
+test('a preallocated (zero-filled) container: zeros end the log cleanly, any leftover byte is a torn tail', () => {
+  const generation = 41;
+  const live = encodeAll(THREE, generation);
+  const ends = boundaries(THREE);
+  const image = Buffer.concat([live, Buffer.alloc(4096)]);
+  assert.deepEqual(decodeLog(image, { generation }).end, { kind: 'clean', at: live.length, reason: 'unwritten space (zeros)' });
+  // The last entry written only up to byte `cut`, the rest still zeros: torn, except when
+  // nothing of it reached the disk.
+  const lastStart = ends[3]!;
+  for (let cut = lastStart; cut < live.length; cut++) {
+    const torn = Buffer.from(image);
+    torn.fill(0, cut, live.length);
+    const { entries, end } = decodeLog(torn, { generation });
+    assert.equal(entries.length, 3, `cut ${cut}`);
+    assert.equal(end.kind, cut === lastStart ? 'clean' : 'torn', `cut ${cut}`);
+    assert.equal(end.at, lastStart);
+  }
+  // A stray non-zero byte far after the entries was written by this life too.
+  const stray = Buffer.from(image);
+  stray[image.length - 1] = 1;
+  assert.equal(decodeLog(stray, { generation }).end.kind, 'torn');
+});
+
+test('a reused container: stale entries after the live ones end the log cleanly, even with the expected sequence', () => {
+  const oldGeneration = 1000;
+  const generation = 2000;
+  // An earlier life wrote entries 1..40 of 64 bytes; this life wrote 1..3 over its start.
+  const old = encodeAll(Array.from({ length: 40 }, (_, i) => sample(i + 1, ENTRY_TYPE.WRITE, 64)), oldGeneration);
+  const live = encodeAll(THREE, generation);
+  const image = Buffer.from(old);
+  live.copy(image, 0);
+  const { entries, end } = decodeLog(image, { generation, staleTail: true });
+  assert.deepEqual(entries.map((e) => e.entry), THREE.map((s) => s.entry));
+  assert.equal(end.kind, 'clean');
+  assert.equal(end.at, live.length);
+  // Worst case: right after the live entries sits an old entry whose sequence is exactly the
+  // next one expected (sequences are reused after a crash cuts a tail). It is still foreign.
+  const next = encodeAll([sample(5, ENTRY_TYPE.WRITE, 64)], oldGeneration);
+  next.copy(image, live.length);
+  const again = decodeLog(image, { generation, staleTail: true });
+  assert.equal(again.entries.length, 4);
+  assert.deepEqual(again.end, { kind: 'clean', at: live.length, reason: `entry of generation ${oldGeneration} (an earlier life of the file)` });
+  // In a zero-filled container the same bytes would be this life's: torn.
+  assert.equal(decodeLog(image, { generation }).end.kind, 'torn');
+  // A torn header of this life is indistinguishable from stale bytes there (and as harmless),
+  // but a trusted header whose payload is incomplete is a torn tail.
+  const tornPayload = Buffer.from(image);
+  const fourth = encodeAll([sample(5, ENTRY_TYPE.WRITE, 64)], generation);
+  fourth.copy(tornPayload, live.length, 0, fourth.length - 10);
+  assert.equal(decodeLog(tornPayload, { generation, staleTail: true }).end.kind, 'torn');
+  const tornHeader = Buffer.from(image);
+  fourth.copy(tornHeader, live.length, 0, 20);
+  assert.equal(decodeLog(tornHeader, { generation, staleTail: true }).end.kind, 'clean');
+});
+
+test('corruption in a reused container is found among stale entries', () => {
+  const generation = 77;
+  const old = encodeAll(Array.from({ length: 40 }, (_, i) => sample(i + 1, ENTRY_TYPE.ZERO, 0)), 76);
+  const live = encodeAll(THREE, generation);
+  const image = Buffer.concat([live, old]);
+  const ends = boundaries(THREE);
+  const damaged = Buffer.from(image);
+  damaged[ends[1]! + 10] = damaged[ends[1]! + 10]! ^ 0x10; // the second live entry
+  const { entries, end } = decodeLog(damaged, { generation, staleTail: true });
+  assert.equal(entries.length, 1);
+  assert.equal(end.kind, 'corrupt');
+  assert.equal(end.at, ends[1]);
+  // Damage to the last live entry has only stale entries after it: torn, not corrupt.
+  const last = Buffer.from(image);
+  last[ends[3]! + 10] = last[ends[3]! + 10]! ^ 0x10; // the header of the fourth (a TRIM: header only)
+  assert.equal(decodeLog(last, { generation, staleTail: true }).end.kind, 'clean', 'an untrusted header among stale bytes');
+  const payloadDamage = Buffer.from(image);
+  payloadDamage[ends[2]! + ENTRY_HEADER_BYTES + 3] = payloadDamage[ends[2]! + ENTRY_HEADER_BYTES + 3]! ^ 1; // third entry's payload
+  assert.equal(decodeLog(payloadDamage, { generation, staleTail: true }).end.kind, 'corrupt', 'a valid fourth entry follows');
+});
+
+test('judgeLogEnd: the verdicts, case by case', () => {
+  const trusted = { status: 'invalid', reason: 'payload crc mismatch', headerTrusted: true, sizeBytes: 100 } as const;
+  const garbage = { status: 'invalid', reason: 'bad magic', headerTrusted: false, sizeBytes: 0 } as const;
+  const foreign = { status: 'foreign', generation: 3 } as const;
+  const cut = { status: 'incomplete', neededBytes: 100, headerTrusted: true } as const;
+  for (const staleTail of [false, true]) {
+    assert.equal(judgeLogEnd(trusted, { staleTail, nonZeroAfter: true }).kind, 'torn');
+    assert.equal(judgeLogEnd(cut, { staleTail, nonZeroAfter: true }).kind, 'torn');
+    assert.equal(judgeLogEnd(garbage, { staleTail, nonZeroAfter: false }).kind, 'clean');
+  }
+  assert.equal(judgeLogEnd(garbage, { staleTail: false, nonZeroAfter: true }).kind, 'torn');
+  assert.equal(judgeLogEnd(foreign, { staleTail: false, nonZeroAfter: true }).kind, 'torn');
+  assert.equal(judgeLogEnd(garbage, { staleTail: true, nonZeroAfter: true }).kind, 'clean');
+  assert.equal(judgeLogEnd(foreign, { staleTail: true, nonZeroAfter: true }).kind, 'clean');
+});
+
 const entryArb = fc
   .record({
     type: fc.constantFrom<EntryType>(ENTRY_TYPE.WRITE, ENTRY_TYPE.ZERO, ENTRY_TYPE.TRIM),

@@ -434,6 +434,8 @@ export interface RegisterNodeHooks {
   reply(request: number, reply: RegisterReply): void;
   /** An error the shell cannot handle: the scenario fails with it. */
   fatal(error: unknown): void;
+  /** Recovery found an invalid record and cut the log there. */
+  recoveryCut?(node: NodeId, reason: string): void;
 }
 
 export class RegisterNode implements NetworkHandler<RegisterMessage> {
@@ -504,6 +506,7 @@ export class RegisterNode implements NetworkHandler<RegisterMessage> {
     if (decoded.cutReason !== undefined) {
       // I5: nothing past the first invalid record is applied; cut it so appends continue cleanly.
       this.scheduler.log(`${this.id} recovery cuts log at ${decoded.validBytes}: ${decoded.cutReason}`);
+      this.hooks.recoveryCut?.(this.id, decoded.cutReason);
       await file.truncate(decoded.validBytes);
       await file.datasync();
     }
@@ -566,6 +569,13 @@ export interface RegisterScenarioReport {
   wipes: number;
   finalLogLength: number;
   steps: number;
+  /** Injected disk faults by kind, over all nodes. */
+  diskFaults: Record<string, number>;
+  /** Recoveries that cut an invalid log tail (I5: detected, not applied). */
+  recoveryCuts: number;
+  /** Unsynced writes that crashes let reach the disk. */
+  writtenBackAtCrash: number;
+  network: { delivered: number; droppedInFlight: number; droppedLinkDown: number; linkFailures: number; partitions: number; clogs: number };
 }
 
 const NODES: readonly NodeId[] = ['n1', 'n2', 'n3'];
@@ -605,7 +615,20 @@ export async function runRegisterScenario(seed: number, run: SeedRun, options: R
   const history = new BlockHistory(scheduler, { initialValue: 0 });
   const pending = new Map<number, { kind: 'write'; ticket: number; client: number } | { kind: 'read'; ticket: number; client: number; block: number }>();
   const nodes = new Map<NodeId, RegisterNode | undefined>();
-  const report: RegisterScenarioReport = { seed, networkProfile: networkProfile.name, writesAcknowledged: 0, readsAnswered: 0, crashes: 0, wipes: 0, finalLogLength: 0, steps: 0 };
+  const report: RegisterScenarioReport = {
+    seed,
+    networkProfile: networkProfile.name,
+    writesAcknowledged: 0,
+    readsAnswered: 0,
+    crashes: 0,
+    wipes: 0,
+    finalLogLength: 0,
+    steps: 0,
+    diskFaults: {},
+    recoveryCuts: 0,
+    writtenBackAtCrash: 0,
+    network: { delivered: 0, droppedInFlight: 0, droppedLinkDown: 0, linkFailures: 0, partitions: 0, clogs: 0 },
+  };
   let nextRequest = 1;
   let nextTag = 1;
   const issuedTags = new Map<number, number>(); // tag -> block
@@ -636,6 +659,9 @@ export async function runRegisterScenario(seed: number, run: SeedRun, options: R
     },
     fatal(error) {
       fatalError ??= error;
+    },
+    recoveryCut() {
+      report.recoveryCuts++;
     },
   };
 
@@ -780,6 +806,12 @@ export async function runRegisterScenario(seed: number, run: SeedRun, options: R
   check(history.checkLinearizable());
   checkReplicas();
   if (fatalError !== undefined) throw fatalError;
+  for (const disk of disks.values()) {
+    for (const fault of disk.faults()) report.diskFaults[fault.kind] = (report.diskFaults[fault.kind] ?? 0) + 1;
+    report.writtenBackAtCrash += disk.stats.writtenBackAtCrash;
+  }
+  const { delivered, droppedInFlight, droppedLinkDown, linkFailures, partitions, clogs } = network.stats;
+  report.network = { delivered, droppedInFlight, droppedLinkDown, linkFailures, partitions, clogs };
   return report;
 }
 
