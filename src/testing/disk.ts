@@ -98,6 +98,14 @@ export function randomDiskProfile(prng: Prng, from: readonly DiskProfile[] = DIS
 }
 
 export const SECTOR_BYTES_DEFAULT = 512;
+/**
+ * Unsynced operations a file may hold before the oldest are written back, as the kernel's
+ * background writeback would: bounds memory, and reminds code that unsynced data may
+ * reach the disk at any time (not only at a crash).
+ */
+export const DIRTY_OPERATIONS_MAX_DEFAULT = 4096;
+/** Fault records kept; a run injecting more is misconfigured (and fails loudly). */
+export const FAULT_RECORDS_MAX = 100_000;
 
 export type DiskFaultKind = 'lost-write' | 'torn-write' | 'corruption' | 'write-eio' | 'read-eio' | 'sync-eio' | 'enospc';
 
@@ -122,6 +130,8 @@ export interface DiskStats {
   writtenBackAtCrash: number;
   /** Unsynced operations a crash discarded. */
   lostAtCrash: number;
+  /** Unsynced operations made durable because too many were pending (background writeback). */
+  writtenBackInBackground: number;
 }
 
 /** An fs-style error: callers match on `code`, as with node:fs errors. */
@@ -201,7 +211,8 @@ export class SimDisk {
   readonly profile: DiskProfile;
   readonly sectorBytes: number;
   readonly capacityBytes: number;
-  readonly stats: DiskStats = { writes: 0, reads: 0, syncs: 0, truncates: 0, bytesWritten: 0, crashes: 0, writtenBackAtCrash: 0, lostAtCrash: 0 };
+  readonly dirtyOperationsMax: number;
+  readonly stats: DiskStats = { writes: 0, reads: 0, syncs: 0, truncates: 0, bytesWritten: 0, crashes: 0, writtenBackAtCrash: 0, lostAtCrash: 0, writtenBackInBackground: 0 };
   private readonly scheduler: Scheduler;
   private readonly prng: Prng;
   private readonly files = new Map<string, FileState>();
@@ -212,13 +223,23 @@ export class SimDisk {
   private incarnation = 0;
   private nextOrder = 1;
 
-  constructor(options: { name: string; scheduler: Scheduler; prng: Prng; profile?: DiskProfile; sectorBytes?: number; capacityBytes?: number }) {
+  constructor(options: {
+    name: string;
+    scheduler: Scheduler;
+    prng: Prng;
+    profile?: DiskProfile;
+    sectorBytes?: number;
+    capacityBytes?: number;
+    dirtyOperationsMax?: number;
+  }) {
     this.name = options.name;
     this.scheduler = options.scheduler;
     this.prng = options.prng;
     this.profile = options.profile ?? PERFECT;
     this.sectorBytes = options.sectorBytes ?? SECTOR_BYTES_DEFAULT;
     this.capacityBytes = options.capacityBytes ?? 1024 * 1024 * 1024;
+    this.dirtyOperationsMax = options.dirtyOperationsMax ?? DIRTY_OPERATIONS_MAX_DEFAULT;
+    assert(Number.isInteger(this.dirtyOperationsMax) && this.dirtyOperationsMax > 0, 'dirtyOperationsMax must be a positive integer');
     assert(Number.isInteger(this.sectorBytes) && this.sectorBytes > 0, 'sector size must be a positive integer');
     for (const [key, value] of Object.entries(this.profile)) {
       if (key.endsWith('Probability')) assert(typeof value === 'number' && value >= 0 && value <= 1, `disk profile ${this.profile.name}: ${key} must be in [0, 1]`);
@@ -353,7 +374,7 @@ export class SimDisk {
       const lost = this.prng.chance(this.profile.lostWriteProbability);
       if (lost) this.recordFault('lost-write', file, position, length, false);
       state.cache.write(position, data);
-      state.unsynced.push({ kind: 'write', order: this.nextOrder++, offset: position, data, lost });
+      this.addUnsynced(state, { kind: 'write', order: this.nextOrder++, offset: position, data, lost });
       this.stats.writes++;
       this.stats.bytesWritten += length;
     });
@@ -378,7 +399,7 @@ export class SimDisk {
     return this.handleOperation(handle, 'ftruncate', this.prng.int(this.profile.writeMsMin, this.profile.writeMsMax), () => {
       const state = this.fileState(file, 'ftruncate');
       state.cache.truncate(length);
-      state.unsynced.push({ kind: 'truncate', order: this.nextOrder++, length });
+      this.addUnsynced(state, { kind: 'truncate', order: this.nextOrder++, length });
       this.stats.truncates++;
     });
   }
@@ -446,6 +467,15 @@ export class SimDisk {
     return state;
   }
 
+  private addUnsynced(state: FileState, op: CompletedOp): void {
+    state.unsynced.push(op);
+    if (state.unsynced.length <= this.dirtyOperationsMax) return;
+    // Background writeback of the oldest half: order is kept, so a crash still leaves a prefix.
+    const writtenBack = state.unsynced.splice(0, Math.ceil(this.dirtyOperationsMax / 2));
+    for (const op of writtenBack) this.applyDurable(state, op);
+    this.stats.writtenBackInBackground += writtenBack.length;
+  }
+
   private applyDurable(state: FileState, op: CompletedOp): void {
     if (op.kind === 'truncate') state.durable.truncate(op.length);
     else if (!op.lost) state.durable.write(op.offset, op.data);
@@ -496,6 +526,7 @@ export class SimDisk {
   }
 
   private recordFault(kind: DiskFaultKind, file: string, offset: number, lengthBytes: number, reported: boolean): void {
+    assert(this.faultLog.length < FAULT_RECORDS_MAX, `disk ${this.name}: more than ${FAULT_RECORDS_MAX} injected faults; lower the profile's rates`);
     this.faultLog.push({ kind, file, offset, lengthBytes, timeMs: this.scheduler.nowMs(), reported });
   }
 }

@@ -541,7 +541,7 @@ export class RegisterNode implements NetworkHandler<RegisterMessage> {
       const file = this.file!;
       await file.writev(batch.map(encodeRegisterRecord), (batch[0]!.seq - 1) * REGISTER_RECORD_BYTES);
       await file.datasync();
-      if (this.dead) return; // unreachable: a crash leaves these promises unsettled
+      assert(!this.dead, 'a crash leaves the disk promises of its incarnation unsettled');
       this.run(this.core!.persisted(batch[batch.length - 1]!.seq));
     }
     this.persisting = false;
@@ -608,7 +608,9 @@ export async function runRegisterScenario(seed: number, run: SeedRun, options: R
     n3: randomDiskProfile(root.fork('disk-profile-n3'), HONEST_DISK_PROFILES),
   };
   const disks = new Map<NodeId, SimDisk>(
-    NODES.map((node) => [node, new SimDisk({ name: node, scheduler, prng: root.fork(`disk-${node}`), profile: diskProfiles[node]! })]),
+    // 8-byte sectors: small enough that a torn write can split a 20-byte record, which is
+    // what recovery must detect (real logs have records much larger than a sector).
+    NODES.map((node) => [node, new SimDisk({ name: node, scheduler, prng: root.fork(`disk-${node}`), profile: diskProfiles[node]!, sectorBytes: 8 })]),
   );
 
   let fatalError: unknown;

@@ -165,7 +165,7 @@ export interface NetworkStats {
   clogs: number;
 }
 
-type LinkStatus = 'down' | 'connecting' | 'up';
+export type LinkStatus = 'down' | 'connecting' | 'up';
 
 interface InFlight<M> {
   readonly message: M;
@@ -177,7 +177,10 @@ interface LinkState<M> extends Link {
   status: LinkStatus;
   readonly queue: InFlight<M>[];
   baseDelayMs: number;
-  /** FIFO: no message is delivered before this (the previous message's delivery time). */
+  /**
+   * The previous message's due time: a message is never due before it. The queue is what makes
+   * delivery FIFO; this keeps the due times (and trace lines) truthful about it.
+   */
   lastDeliverAtMs: number;
   clogUntilMs: number;
   /** Held by a partition that has not been detected yet. */
@@ -302,7 +305,7 @@ export class SimNetwork<M> {
     }
     if (link.status !== 'up') {
       this.stats.droppedLinkDown++;
-      this.scheduler.log(`net drop ${source}->${target} (link ${link.status}) ${this.describe(message)}`);
+      if (this.scheduler.trace.enabled) this.scheduler.log(`net drop ${source}->${target} (link ${link.status}) ${this.describe(message)}`);
       return;
     }
     if (link.queue.length >= this.profile.queueMessagesMax) {
@@ -315,7 +318,7 @@ export class SimNetwork<M> {
     link.lastDeliverAtMs = deliverAtMs;
     const id = this.nextMessageId++;
     link.queue.push({ message, deliverAtMs, id });
-    this.scheduler.log(`net send ${source}->${target} #${id} due ${deliverAtMs}ms ${this.describe(message)}`);
+    if (this.scheduler.trace.enabled) this.scheduler.log(`net send ${source}->${target} #${id} due ${deliverAtMs}ms ${this.describe(message)}`);
     this.pump(link);
   }
 
@@ -325,7 +328,10 @@ export class SimNetwork<M> {
     if (options.bothDirections) this.failLinkState(this.link(target, source), 'failed');
   }
 
-  /** Splits the nodes into `groups` (every node in exactly one). Replaces any earlier partition. */
+  /**
+   * Splits the nodes into `groups` (every node in exactly one). Replaces any earlier partition;
+   * random faults (startFaults) partition and heal too, so use one or the other at a time.
+   */
   partition(groups: readonly (readonly NodeId[])[], options: { detectMsMin?: number; detectMsMax?: number } = {}): void {
     const assignment = new Map<NodeId, number>();
     groups.forEach((group, index) => {
@@ -560,7 +566,7 @@ export class SimNetwork<M> {
     this.stats.delivered++;
     const handler = this.node(link.target).handler;
     assert(handler !== undefined, `link ${link.source}->${link.target} is up but its target has no handler`);
-    this.scheduler.log(`net deliver ${link.source}->${link.target} #${head.id} ${this.describe(head.message)}`);
+    if (this.scheduler.trace.enabled) this.scheduler.log(`net deliver ${link.source}->${link.target} #${head.id} ${this.describe(head.message)}`);
     handler.receive(link.source, head.message);
     this.pump(link);
   }

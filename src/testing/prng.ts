@@ -78,6 +78,13 @@ export class Prng {
     [this.s0, this.s1, this.s2, this.s3] = key;
   }
 
+  /** A stream starting from raw xoshiro128** state words: for checking published test vectors. */
+  static fromState(state: readonly [number, number, number, number]): Prng {
+    assert(state.every((word) => Number.isInteger(word) && word >= 0 && word < TWO_POW_32), 'state words are uint32');
+    assert((state[0] | state[1] | state[2] | state[3]) !== 0, 'the all-zero state is invalid for xoshiro');
+    return new Prng(0, { label: 'state', key: [state[0], state[1], state[2], state[3]] });
+  }
+
   /** An independent deterministic stream for one component; the same label gives the same stream. */
   fork(label: string): Prng {
     assert(label.length > 0, 'a fork label must not be empty');

@@ -38,6 +38,8 @@ export const realTimers: Timers = {
 };
 
 export const STEPS_MAX_DEFAULT = 1_000_000;
+/** Events waiting at once; more means a simulation is scheduling without bound. */
+export const PENDING_EVENTS_MAX_DEFAULT = 1_000_000;
 
 export class ScheduledEvent implements Cancellable {
   readonly timeMs: number;
@@ -105,10 +107,12 @@ export class Scheduler implements Timers {
   private totalSteps = 0;
   /** Binary min-heap on (timeMs, order); cancelled events stay until they reach the top. */
   private readonly heap: ScheduledEvent[] = [];
+  private readonly pendingEventsMax: number;
 
-  constructor(options: { seed: number; trace?: Trace; startMs?: number }) {
+  constructor(options: { seed: number; trace?: Trace; startMs?: number; pendingEventsMax?: number }) {
     this.seed = options.seed;
     this.trace = options.trace ?? new Trace();
+    this.pendingEventsMax = options.pendingEventsMax ?? PENDING_EVENTS_MAX_DEFAULT;
     this.now = options.startMs ?? 0;
     assert(Number.isSafeInteger(this.now) && this.now >= 0, 'scheduler start time must be a non-negative integer');
   }
@@ -130,6 +134,11 @@ export class Scheduler implements Timers {
   at(timeMs: number, fn: () => void, label = ''): ScheduledEvent {
     assert(Number.isSafeInteger(timeMs), `event time must be an integer number of ms, got ${timeMs}`);
     assert(timeMs >= this.now, `event at ${timeMs} ms is in the past (now ${this.now} ms)`);
+    if (this.liveEvents >= this.pendingEventsMax) {
+      throw this.failure(`runaway simulation: ${this.liveEvents} events pending (seed=${this.seed}, now ${this.now} ms)`);
+    }
+    // Cancelled events stay in the heap until they surface; compact when they dominate it.
+    if (this.heap.length > 2 * this.liveEvents + 1024) this.compact();
     const event = new ScheduledEvent(this, timeMs, this.nextOrder++, fn, label);
     this.push(event);
     this.liveEvents++;
@@ -263,6 +272,12 @@ export class Scheduler implements Timers {
     const top = this.peekLive();
     if (top !== undefined) this.popTop();
     return top;
+  }
+
+  private compact(): void {
+    const live = this.heap.filter((event) => event.pending);
+    this.heap.length = 0;
+    for (const event of live) this.push(event);
   }
 
   private static before(a: ScheduledEvent, b: ScheduledEvent): boolean {
