@@ -251,7 +251,7 @@ test('a reused container: stale entries after the live ones end the log cleanly,
   // A torn header of this life is indistinguishable from stale bytes there (and as harmless),
   // but a trusted header whose payload is incomplete is a torn tail.
   const tornPayload = Buffer.from(image);
-  const fourth = encodeAll([sample(5, ENTRY_TYPE.WRITE, 64)], generation);
+  const fourth = encodeAll([sample(5, ENTRY_TYPE.WRITE, 64, 0x99)], generation);
   fourth.copy(tornPayload, live.length, 0, fourth.length - 10);
   assert.equal(decodeLog(tornPayload, { generation, staleTail: true }).end.kind, 'torn');
   const tornHeader = Buffer.from(image);
