@@ -6,6 +6,7 @@ import { isMirrorsanError } from '../errors.js';
 import { runNodeCommand } from './node-command.js';
 import { runStatusCommand } from './status-command.js';
 import { runUpCommand } from './up-command.js';
+import { runVolumeCreate, runVolumeDelete, runVolumeList } from './volume-command.js';
 
 function reportAndExit(error: unknown): never {
   if (isMirrorsanError(error)) {
@@ -35,6 +36,7 @@ program
   .option('--tls-cert <file>', 'PEM certificate for NBD STARTTLS')
   .option('--tls-key <file>', 'PEM private key for NBD STARTTLS')
   .option('--tls-required', 'refuse clients that do not use TLS')
+  .option('--coordinator <url>', 'embedded:///dir or etcd://host:port (default: embedded in DIR/coordinator)')
   .option('--json', 'print one JSON line describing the nodes when ready')
   .action((options) => runUpCommand(options).catch(reportAndExit));
 
@@ -44,6 +46,28 @@ program
   .requiredOption('--config <file>', 'node config file (DIR/<id>/node.json)')
   .option('--json', 'print one JSON line describing the node when ready')
   .action((options) => runNodeCommand(options).catch(reportAndExit));
+
+const volume = program.command('volume').description('Create, list and delete volumes of a running (or stopped) cluster.');
+const coordinatorOptions = (command: Command): Command =>
+  command
+    .option('--dir <path>', 'data directory given to `mirrorsan up` (its embedded coordinator)', './mirrorsan-data')
+    .option('--coordinator <url>', 'coordinator URL instead: embedded:///dir or etcd://host:port');
+coordinatorOptions(
+  volume
+    .command('create <name>')
+    .description('Create a volume; running nodes export it within a second.')
+    .requiredOption('--size <size>', 'volume size, e.g. 1GiB')
+    .option('--replicas <count>', 'replicas (nodes holding a copy)', '1')
+    .option('--mode <mode>', 'replication mode: sync or async', 'sync')
+    .option('--strict', 'refuse writes while a replica is missing')
+    .option('--json', 'print the created spec as JSON'),
+).action((name: string, options) => runVolumeCreate(name, options).catch(reportAndExit));
+coordinatorOptions(volume.command('list').description('List volumes.').option('--json', 'print JSON')).action((options) =>
+  runVolumeList(options).catch(reportAndExit),
+);
+coordinatorOptions(
+  volume.command('delete <name>').description('Delete a volume: nodes close its export and remove its data.'),
+).action((name: string, options) => runVolumeDelete(name, options).catch(reportAndExit));
 
 program
   .command('status')

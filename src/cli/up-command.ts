@@ -8,7 +8,9 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { MirrorsanError } from '../errors.js';
+import { createCoordinator } from '../cluster/index.js';
 import { portsForNode, validateVolumeName, validateVolumeSize } from '../node/config.js';
+import { defaultVolumeSpec, embeddedCoordinatorUrl } from './volume-command.js';
 import type { NodeReadyInfo } from '../node/node.js';
 import { createLogger } from '../util/log.js';
 import { parseSize } from '../util/size.js';
@@ -23,6 +25,7 @@ export interface UpOptions {
   tlsCert?: string;
   tlsKey?: string;
   tlsRequired?: boolean;
+  coordinator?: string;
   json?: boolean;
 }
 
@@ -43,42 +46,45 @@ export function binPath(): string {
   return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'bin', 'mirrorsan.cjs');
 }
 
-function writeNodeConfig(options: UpOptions, dir: string, index: number, sizeBytes: number): string {
+function writeNodeConfig(options: UpOptions, dir: string, index: number, coordinatorUrl: string): string {
   const id = `n${index + 1}`;
   const basePort = parseIntegerOption(options.basePort, 'base-port', 1, 65535 - 300);
   const ports = portsForNode(basePort, index);
   const dataDir = path.join(dir, id);
   const configPath = path.join(dataDir, 'node.json');
   fs.mkdirSync(dataDir, { recursive: true });
-  if (fs.existsSync(configPath)) {
-    const previous = JSON.parse(fs.readFileSync(configPath, 'utf8')) as { volumes?: { name: string; sizeBytes: number }[] };
-    const existing = previous.volumes?.find((volume) => volume.name === options.volume);
-    if (existing && existing.sizeBytes !== sizeBytes) {
-      throw new MirrorsanError(
-        'CONFIG_INVALID',
-        `volume ${options.volume} in ${dir} already has size ${existing.sizeBytes} bytes; resizing is not supported yet (asked for ${sizeBytes})`,
-      );
-    }
-  }
-  if ((options.tlsCert === undefined) !== (options.tlsKey === undefined)) {
-    throw new MirrorsanError('CONFIG_INVALID', '--tls-cert and --tls-key go together');
-  }
-  if (options.tlsRequired && options.tlsCert === undefined) {
-    throw new MirrorsanError('CONFIG_INVALID', '--tls-required needs --tls-cert and --tls-key');
-  }
   const config = {
     id,
     dataDir,
     nbd: { host: options.host, port: ports.nbd },
     peer: { host: options.host, port: ports.peer },
     admin: { host: options.host, port: ports.admin },
-    volumes: [{ name: options.volume, sizeBytes }],
+    // Volumes come from the coordinator (`mirrorsan volume create|delete` while running).
+    volumes: [],
+    coordinator: coordinatorUrl,
     tls: options.tlsCert
       ? { certFile: path.resolve(options.tlsCert), keyFile: path.resolve(options.tlsKey as string), required: options.tlsRequired === true }
       : null,
   };
   fs.writeFileSync(configPath, JSON.stringify(config, null, 2) + '\n');
   return configPath;
+}
+
+/** Creates the volume at the coordinator, or checks that the existing one matches. */
+async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes: number): Promise<void> {
+  const coordinator = await createCoordinator(coordinatorUrl, { logger: createLogger({ component: 'coordinator', level: 'warn' }) });
+  try {
+    const existing = await coordinator.getVolumeSpec(name);
+    if (existing && existing.sizeBytes !== sizeBytes) {
+      throw new MirrorsanError(
+        'CONFIG_INVALID',
+        `volume ${name} already has size ${existing.sizeBytes} bytes; resizing is not supported yet (asked for ${sizeBytes})`,
+      );
+    }
+    if (!existing) await coordinator.putVolumeSpec(defaultVolumeSpec(name, sizeBytes), { createOnly: true });
+  } finally {
+    await coordinator.close();
+  }
 }
 
 function startNodeProcess(configPath: string): { child: ChildProcess; ready: Promise<NodeReadyInfo> } {
@@ -115,10 +121,19 @@ export async function runUpCommand(options: UpOptions): Promise<void> {
   }
   validateVolumeName(options.volume);
   const sizeBytes = validateVolumeSize(parseSize(options.size), options.volume);
+  if ((options.tlsCert === undefined) !== (options.tlsKey === undefined)) {
+    throw new MirrorsanError('CONFIG_INVALID', '--tls-cert and --tls-key go together');
+  }
+  if (options.tlsRequired && options.tlsCert === undefined) {
+    throw new MirrorsanError('CONFIG_INVALID', '--tls-required needs --tls-cert and --tls-key');
+  }
+  parseIntegerOption(options.basePort, 'base-port', 1, 65535 - 300);
   const dir = path.resolve(options.dir);
   fs.mkdirSync(dir, { recursive: true });
+  const coordinatorUrl = options.coordinator ?? embeddedCoordinatorUrl(dir);
+  await ensureVolumeSpec(coordinatorUrl, options.volume, sizeBytes);
 
-  const configPaths = Array.from({ length: nodeCount }, (_, index) => writeNodeConfig(options, dir, index, sizeBytes));
+  const configPaths = Array.from({ length: nodeCount }, (_, index) => writeNodeConfig(options, dir, index, coordinatorUrl));
   const started = configPaths.map((configPath) => startNodeProcess(configPath));
   const children = started.map((entry) => entry.child);
 
@@ -160,6 +175,8 @@ export async function runUpCommand(options: UpOptions): Promise<void> {
       });
     });
   });
+  // Each node names some export in its URI; `up` names the volume it was asked for.
+  infos = infos.map((info) => ({ ...info, nbd: info.nbd.replace(/\/[^/]*$/, `/${options.volume}`) }));
   if (options.json) {
     process.stdout.write(JSON.stringify({ nodes: infos }) + '\n');
   } else {

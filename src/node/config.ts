@@ -2,6 +2,7 @@
 // file is what `mirrorsan up` writes and `mirrorsan node --config FILE` reads back, so a node
 // killed with SIGKILL restarts from exactly what it ran with.
 import { MirrorsanError } from '../errors.js';
+import { parseCoordinatorUrl } from '../cluster/index.js';
 import { parseSize } from '../util/size.js';
 
 export interface Endpoint {
@@ -31,7 +32,12 @@ export interface NodeConfig {
   /** Node-to-node traffic; may sit on a dedicated interface (DESIGN.md §1 A3). */
   peer: Endpoint;
   admin: Endpoint;
+  /** Volumes listed here are served as they are; with a coordinator, its volume specs are served too. */
   volumes: VolumeConfig[];
+  /** `embedded:///dir` or `etcd://host:port[/cluster]`; null: no coordinator (static volumes only). */
+  coordinator: string | null;
+  /** The node's registration lease at the coordinator. */
+  leaseTtlMs: number;
   tls: TlsConfig | null;
   checkpointLogBytes: number;
   checkpointIntervalMs: number;
@@ -123,6 +129,15 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
       required: tlsObject.required === true,
     });
   }
+  let coordinator: string | null = null;
+  if (object.coordinator !== undefined && object.coordinator !== null) {
+    coordinator = asString(object.coordinator, 'coordinator');
+    parseCoordinatorUrl(coordinator);
+  }
+  const leaseTtlMs = object.leaseTtlMs ?? 5000;
+  if (typeof leaseTtlMs !== 'number' || !Number.isInteger(leaseTtlMs) || leaseTtlMs < 1000 || leaseTtlMs > 600_000) {
+    fail('leaseTtlMs must be an integer 1000..600000');
+  }
   const threadPoolSize = object.threadPoolSize ?? 16;
   if (typeof threadPoolSize !== 'number' || !Number.isInteger(threadPoolSize) || threadPoolSize < 4 || threadPoolSize > 1024) {
     fail('threadPoolSize must be an integer 4..1024');
@@ -138,6 +153,8 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
     peer: asEndpoint(object.peer, 'peer'),
     admin: asEndpoint(object.admin, 'admin'),
     volumes: Object.freeze(volumes) as VolumeConfig[],
+    coordinator,
+    leaseTtlMs,
     tls,
     checkpointLogBytes: asSize(object.checkpointLogBytes ?? 256 * 1024 * 1024, 'checkpointLogBytes'),
     checkpointIntervalMs,

@@ -1,16 +1,20 @@
 // A whole mirrorsan node: opens its volumes (replaying their logs), serves them over NBD,
 // answers the admin API, and shuts down cleanly (every volume checkpointed) on request.
+// With a coordinator, the node registers under a lease and serves every volume spec the
+// coordinator holds: `mirrorsan volume create` on a running cluster shows up as a new
+// export within a second, and `volume delete` closes the export and removes its data.
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { AdminServer, MetricsText } from '../admin/http.js';
 import { renderDashboard } from '../admin/dashboard.js';
 import { MirrorsanError, isMirrorsanError } from '../errors.js';
+import { createCoordinator, type Coordinator, type NodeSession, type VolumeSpec } from '../cluster/index.js';
 import { NbdServer } from '../nbd/server.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, ExportRegistry } from '../volume/device.js';
 import { LocalVolume } from '../volume/local-volume.js';
-import type { NodeConfig } from './config.js';
+import type { NodeConfig, VolumeConfig } from './config.js';
 
 export interface NodeReadyInfo {
   id: string;
@@ -31,6 +35,9 @@ class VolumeRegistry implements ExportRegistry {
   get(name: string): BlockDevice | undefined {
     return this.volumes.get(name);
   }
+  remove(name: string): void {
+    this.volumes.delete(name);
+  }
   defaultName(): string | undefined {
     return this.volumes.size === 1 ? [...this.volumes.keys()][0] : undefined;
   }
@@ -42,7 +49,13 @@ export class MirrorsanNode {
   private readonly logger: Logger;
   private readonly volumes = new Map<string, LocalVolume>();
   private readonly registry = new VolumeRegistry();
-  private readonly failedVolumes: { name: string; code: string; message: string }[] = [];
+  private readonly failedVolumes = new Map<string, { name: string; code: string; message: string }>();
+  /** Volumes that come from the coordinator's specs (the others come from the config file). */
+  private readonly managedVolumes = new Set<string>();
+  private coordinator: Coordinator | undefined;
+  private session: NodeSession | undefined;
+  private specPoll: NodeJS.Timeout | undefined;
+  private specSync: Promise<void> | undefined;
   private nbdServer: NbdServer | undefined;
   private adminServer: AdminServer | undefined;
   private peerServer: net.Server | undefined;
@@ -58,42 +71,8 @@ export class MirrorsanNode {
   async start(): Promise<NodeReadyInfo> {
     const { config } = this;
     fs.mkdirSync(config.dataDir, { recursive: true });
-    for (const volumeConfig of config.volumes) {
-      const volumeLogger = this.logger.child(`volume ${volumeConfig.name}`);
-      let volume: LocalVolume;
-      try {
-        volume = await LocalVolume.open({
-          dir: path.join(config.dataDir, 'volumes', volumeConfig.name),
-          name: volumeConfig.name,
-          sizeBytes: volumeConfig.sizeBytes,
-          description: volumeConfig.description,
-          readOnly: volumeConfig.readOnly,
-          logger: volumeLogger,
-          checkpointLogBytes: config.checkpointLogBytes,
-          checkpointIntervalMs: config.checkpointIntervalMs,
-          directWriteMinBytes: config.directWriteMinBytes,
-        });
-      } catch (error) {
-        // One volume that cannot open (a corrupt log, a missing image) must not take the
-        // others down: it is left unexported, with the reason in the log and in /v1/status.
-        const code = isMirrorsanError(error) ? error.code : 'STORE_IO';
-        const message = error instanceof Error ? error.message : String(error);
-        volumeLogger.error('volume failed to open; it is not exported', { code, error: message });
-        this.failedVolumes.push({ name: volumeConfig.name, code, message });
-        continue;
-      }
-      const { recovery } = volume;
-      if (recovery.replayedEntries > 0 || recovery.cutTail) {
-        volumeLogger.info('log replay done', {
-          replayedEntries: recovery.replayedEntries,
-          replayedBytes: recovery.replayedBytes,
-          cutTail: recovery.cutTail,
-          durationMs: recovery.durationMs,
-        });
-      }
-      this.volumes.set(volumeConfig.name, volume);
-      this.registry.add(volume);
-    }
+    for (const volumeConfig of config.volumes) await this.openVolume(volumeConfig);
+    if (config.coordinator) await this.joinCoordinator(config.coordinator);
 
     const tls = config.tls
       ? { cert: fs.readFileSync(config.tls.certFile), key: fs.readFileSync(config.tls.keyFile), required: config.tls.required }
@@ -117,7 +96,7 @@ export class MirrorsanNode {
     );
     await this.adminServer.listen(config.admin.port, config.admin.host);
 
-    const firstVolume = config.volumes[0]?.name ?? '';
+    const firstVolume = config.volumes[0]?.name ?? [...this.volumes.keys()].sort()[0] ?? '';
     const info: NodeReadyInfo = {
       id: config.id,
       pid: process.pid,
@@ -127,6 +106,97 @@ export class MirrorsanNode {
     };
     this.logger.info('node ready', { nbd: info.nbd, admin: info.admin, volumes: config.volumes.length });
     return info;
+  }
+
+  /** Opens (creating if new) and exports one volume; a failure is logged and reported, not thrown. */
+  private async openVolume(volumeConfig: VolumeConfig): Promise<boolean> {
+    const { config } = this;
+    const volumeLogger = this.logger.child(`volume ${volumeConfig.name}`);
+    let volume: LocalVolume;
+    try {
+      volume = await LocalVolume.open({
+        dir: this.volumeDir(volumeConfig.name),
+        name: volumeConfig.name,
+        sizeBytes: volumeConfig.sizeBytes,
+        description: volumeConfig.description,
+        readOnly: volumeConfig.readOnly,
+        logger: volumeLogger,
+        checkpointLogBytes: config.checkpointLogBytes,
+        checkpointIntervalMs: config.checkpointIntervalMs,
+        directWriteMinBytes: config.directWriteMinBytes,
+      });
+    } catch (error) {
+      // One volume that cannot open (a corrupt log, a missing image) must not take the
+      // others down: it is left unexported, with the reason in the log and in /v1/status.
+      const code = isMirrorsanError(error) ? error.code : 'STORE_IO';
+      const message = error instanceof Error ? error.message : String(error);
+      volumeLogger.error('volume failed to open; it is not exported', { code, error: message });
+      this.failedVolumes.set(volumeConfig.name, { name: volumeConfig.name, code, message });
+      return false;
+    }
+    const { recovery } = volume;
+    if (recovery.replayedEntries > 0 || recovery.cutTail) {
+      volumeLogger.info('log replay done', {
+        replayedEntries: recovery.replayedEntries,
+        replayedBytes: recovery.replayedBytes,
+        cutTail: recovery.cutTail,
+        durationMs: recovery.durationMs,
+      });
+    }
+    this.failedVolumes.delete(volumeConfig.name);
+    this.volumes.set(volumeConfig.name, volume);
+    this.registry.add(volume);
+    return true;
+  }
+
+  private volumeDir(name: string): string {
+    return path.join(this.config.dataDir, 'volumes', name);
+  }
+
+  private async joinCoordinator(url: string): Promise<void> {
+    const { config } = this;
+    const log = this.logger.child('coordinator');
+    this.coordinator = await createCoordinator(url, { logger: log });
+    this.session = await this.coordinator.registerNode(
+      { id: config.id, nbd: config.nbd, peer: config.peer, admin: config.admin },
+      { leaseTtlMs: config.leaseTtlMs },
+    );
+    this.session.onLost((reason) => {
+      if (this.stopping) return;
+      log.error('lost the coordinator lease; volume changes are not followed until restart', { reason });
+    });
+    await this.syncVolumeSpecs();
+    this.specPoll = setInterval(() => {
+      this.specSync ??= this.syncVolumeSpecs()
+        .catch((error: unknown) => log.warn('could not read volume specs', { error: String(error) }))
+        .finally(() => (this.specSync = undefined));
+    }, SPEC_POLL_INTERVAL_MS);
+    this.specPoll.unref();
+  }
+
+  /** Serves every volume the coordinator specifies, and retires those it no longer does. */
+  private async syncVolumeSpecs(): Promise<void> {
+    const coordinator = this.coordinator;
+    if (!coordinator || this.stopping) return;
+    const specs = new Map((await coordinator.listVolumeSpecs()).map((spec) => [spec.name, spec]));
+    for (const spec of specs.values()) {
+      if (this.stopping) return;
+      if (this.volumes.has(spec.name) || this.failedVolumes.has(spec.name)) continue;
+      if (await this.openVolume(volumeConfigOf(spec))) {
+        this.managedVolumes.add(spec.name);
+        this.logger.info('volume added from the coordinator', { volume: spec.name, sizeBytes: spec.sizeBytes });
+      }
+    }
+    for (const name of [...this.managedVolumes]) {
+      if (specs.has(name) || this.stopping) continue;
+      const volume = this.volumes.get(name);
+      this.registry.remove(name);
+      this.volumes.delete(name);
+      this.managedVolumes.delete(name);
+      await volume?.close();
+      await fs.promises.rm(this.volumeDir(name), { recursive: true, force: true });
+      this.logger.info('volume deleted at the coordinator: export closed and data removed', { volume: name });
+    }
   }
 
   status(): object {
@@ -143,7 +213,10 @@ export class MirrorsanNode {
         recovery: volume.recovery,
         ...volume.stats(),
       })),
-      failedVolumes: this.failedVolumes,
+      failedVolumes: [...this.failedVolumes.values()],
+      coordinator: this.config.coordinator
+        ? { url: this.config.coordinator, leaseValid: this.session?.isValid() ?? false, leaseRemainingMs: this.session?.remainingMs() ?? 0 }
+        : null,
     };
   }
 
@@ -176,6 +249,8 @@ export class MirrorsanNode {
 
   private async stopOnce(): Promise<void> {
     this.logger.info('stopping node');
+    if (this.specPoll) clearInterval(this.specPoll);
+    await this.specSync;
     await this.nbdServer?.close();
     await new Promise<void>((resolve) => (this.peerServer ? this.peerServer.close(() => resolve()) : resolve()));
     await this.adminServer?.close();
@@ -189,8 +264,17 @@ export class MirrorsanNode {
         });
       }
     }
+    await this.session?.revoke().catch(() => undefined);
+    await this.coordinator?.close().catch(() => undefined);
     this.logger.info('node stopped');
   }
+}
+
+/** How often a node re-reads the coordinator's volume specs. */
+const SPEC_POLL_INTERVAL_MS = 500;
+
+function volumeConfigOf(spec: VolumeSpec): VolumeConfig {
+  return { name: spec.name, sizeBytes: spec.sizeBytes, description: `mirrorsan volume ${spec.name}`, readOnly: false };
 }
 
 function snakeCase(name: string): string {

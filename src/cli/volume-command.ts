@@ -1,0 +1,80 @@
+// `mirrorsan volume create|list|delete`: volume specs at the coordinator. Running nodes pick
+// up a change within a second (they poll the specs): a created volume becomes an NBD export,
+// a deleted one is closed and its data removed.
+import path from 'node:path';
+import { createCoordinator, type Coordinator, type ReplicationMode, type VolumeSpec } from '../cluster/index.js';
+import { MirrorsanError } from '../errors.js';
+import { validateVolumeName, validateVolumeSize } from '../node/config.js';
+import { createLogger } from '../util/log.js';
+import { formatSize, parseSize } from '../util/size.js';
+
+/** Region size until the policing issue measures a better default. */
+export const DEFAULT_REGION_SIZE_BYTES = 1024 * 1024;
+/** Replicas one volume can have in this version: replication across nodes is not built yet. */
+const REPLICAS_MAX = 1;
+
+export function embeddedCoordinatorUrl(dataDir: string): string {
+  return `embedded://${path.join(path.resolve(dataDir), 'coordinator')}`;
+}
+
+export function defaultVolumeSpec(name: string, sizeBytes: number): VolumeSpec {
+  return { name, sizeBytes, replicas: 1, mode: 'sync', strict: false, regionSizeBytes: DEFAULT_REGION_SIZE_BYTES };
+}
+
+export interface CoordinatorTargetOptions {
+  coordinator?: string;
+  dir: string;
+}
+
+async function withCoordinator<T>(options: CoordinatorTargetOptions, work: (coordinator: Coordinator) => Promise<T>): Promise<T> {
+  const coordinator = await createCoordinator(options.coordinator ?? embeddedCoordinatorUrl(options.dir), {
+    logger: createLogger({ component: 'coordinator', level: 'warn' }),
+  });
+  try {
+    return await work(coordinator);
+  } finally {
+    await coordinator.close();
+  }
+}
+
+export async function runVolumeCreate(
+  name: string,
+  options: CoordinatorTargetOptions & { size: string; replicas: string; mode: string; strict?: boolean; json?: boolean },
+): Promise<void> {
+  validateVolumeName(name);
+  const sizeBytes = validateVolumeSize(parseSize(options.size), name);
+  const replicas = Number(options.replicas);
+  if (!Number.isInteger(replicas) || replicas < 1) {
+    throw new MirrorsanError('CONFIG_INVALID', `--replicas must be a positive integer, got "${options.replicas}"`);
+  }
+  if (replicas > REPLICAS_MAX) {
+    throw new MirrorsanError('CONFIG_INVALID', `--replicas ${replicas}: replication across nodes is not built yet; use --replicas 1`);
+  }
+  if (options.mode !== 'sync' && options.mode !== 'async') {
+    throw new MirrorsanError('CONFIG_INVALID', `--mode must be sync or async, got "${options.mode}"`);
+  }
+  const spec: VolumeSpec = { ...defaultVolumeSpec(name, sizeBytes), replicas, mode: options.mode as ReplicationMode, strict: options.strict === true };
+  const created = await withCoordinator(options, (coordinator) => coordinator.putVolumeSpec(spec, { createOnly: true }));
+  if (!created) throw new MirrorsanError('CONFIG_INVALID', `volume ${name} already exists`);
+  process.stdout.write(options.json ? JSON.stringify(spec) + '\n' : `created volume ${name} (${formatSize(sizeBytes)}, ${spec.mode})\n`);
+}
+
+export async function runVolumeList(options: CoordinatorTargetOptions & { json?: boolean }): Promise<void> {
+  const specs = await withCoordinator(options, (coordinator) => coordinator.listVolumeSpecs());
+  if (options.json) {
+    process.stdout.write(JSON.stringify(specs) + '\n');
+    return;
+  }
+  const rows = [['VOLUME', 'SIZE', 'REPLICAS', 'MODE', 'STRICT'], ...specs.map((spec) => [
+    spec.name, formatSize(spec.sizeBytes), String(spec.replicas), spec.mode, spec.strict ? 'yes' : 'no',
+  ])];
+  const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
+  for (const row of rows) process.stdout.write(row.map((cell, column) => cell.padEnd(widths[column]!)).join('  ').trimEnd() + '\n');
+}
+
+export async function runVolumeDelete(name: string, options: CoordinatorTargetOptions): Promise<void> {
+  validateVolumeName(name);
+  const deleted = await withCoordinator(options, (coordinator) => coordinator.deleteVolume(name));
+  if (!deleted) throw new MirrorsanError('VOLUME_NOT_FOUND', `no volume named ${name}`);
+  process.stdout.write(`deleted volume ${name}; nodes close its export and remove its data\n`);
+}
