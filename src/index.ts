@@ -10,6 +10,6 @@ export type { NodeConfig } from './node/config.js';
 export { createLogger } from './util/log.js';
 export type { Logger } from './util/log.js';
 export { parseSize, formatSize } from './util/size.js';
-export { createCoordinator, parseCoordinatorUrl, EmbeddedCoordinator, EtcdCoordinator } from './cluster/index.js';
+export { createCoordinator, parseCoordinatorUrl, EmbeddedCoordinator } from './cluster/index.js';
 export type { Coordinator, NodeSession, VolumeRecord, VolumeSpec, NodeRegistration } from './cluster/index.js';
 export * as replication from './replication/index.js';
