@@ -402,7 +402,10 @@ export class Connection {
     if (!this.corked) {
       this.corked = true;
       this.stream.cork();
-      setImmediate(this.uncork);
+      // With other requests in flight, wait for the end of this event-loop turn so their
+      // replies share the syscall; a lone request (QD1) must not pay that wait.
+      if (this.inflightRequests > 1) setImmediate(this.uncork);
+      else process.nextTick(this.uncork);
     }
     this.stream.write(buffer);
   }
