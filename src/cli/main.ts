@@ -3,6 +3,7 @@
 import { Command, Option } from 'commander';
 import { createRequire } from 'node:module';
 import { isMirrorsanError } from '../errors.js';
+import { runAttachCommand } from './attach-command.js';
 import { runNodeCommand } from './node-command.js';
 import { runStatusCommand } from './status-command.js';
 import { runUpCommand } from './up-command.js';
@@ -75,5 +76,14 @@ program
   .addOption(new Option('--admin <url>', 'admin URL of any node').default('http://127.0.0.1:11009'))
   .option('--json', 'print the raw JSON status')
   .action((options) => runStatusCommand(options).catch(reportAndExit));
+
+program
+  .command('attach <volume>')
+  .description('Serve VOLUME on a local NBD endpoint for any NBD client, forwarding to the nodes and failing over between them.')
+  .requiredOption('--listen <address>', 'where to listen: unix:PATH or HOST:PORT')
+  .requiredOption('--nodes <uris>', 'nodes serving the volume, comma-separated: nbd://HOST:PORT[,nbd://HOST:PORT...]')
+  .option('--failover-timeout <duration>', 'how long requests wait for a node to come back before they fail with EIO (e.g. 60s, 1500ms)', '60s')
+  .option('--json', 'print one JSON line with the endpoint when ready')
+  .action((volumeName: string, options) => runAttachCommand(volumeName, options).catch(reportAndExit));
 
 program.parseAsync(process.argv).catch(reportAndExit);

@@ -56,6 +56,7 @@ export class MirrorsanNode {
   private session: NodeSession | undefined;
   private specPoll: NodeJS.Timeout | undefined;
   private specSync: Promise<void> | undefined;
+  private registration: Promise<void> | undefined;
   private nbdServer: NbdServer | undefined;
   private adminServer: AdminServer | undefined;
   private peerServer: net.Server | undefined;
@@ -154,17 +155,12 @@ export class MirrorsanNode {
   }
 
   private async joinCoordinator(url: string): Promise<void> {
-    const { config } = this;
     const log = this.logger.child('coordinator');
     this.coordinator = await createCoordinator(url, { logger: log });
-    this.session = await this.coordinator.registerNode(
-      { id: config.id, nbd: config.nbd, peer: config.peer, admin: config.admin },
-      { leaseTtlMs: config.leaseTtlMs },
-    );
-    this.session.onLost((reason) => {
-      if (this.stopping) return;
-      log.error('lost the coordinator lease; volume changes are not followed until restart', { reason });
-    });
+    // Volume specs need no lease: serve them first. Registration runs in the background,
+    // because after a SIGKILL the previous incarnation's lease on this node id must run out
+    // first (up to a TTL), and a restarting node should not keep its clients waiting for that.
+    // TODO(issue 5): once replicas exist, local reads need a valid lease and in-sync state (I3).
     await this.syncVolumeSpecs();
     this.specPoll = setInterval(() => {
       this.specSync ??= this.syncVolumeSpecs()
@@ -172,6 +168,31 @@ export class MirrorsanNode {
         .finally(() => (this.specSync = undefined));
     }, SPEC_POLL_INTERVAL_MS);
     this.specPoll.unref();
+    this.registration = this.register(log);
+  }
+
+  private async register(log: Logger): Promise<void> {
+    const { config } = this;
+    const coordinator = this.coordinator;
+    while (coordinator && !this.stopping) {
+      try {
+        this.session = await coordinator.registerNode(
+          { id: config.id, nbd: config.nbd, peer: config.peer, admin: config.admin },
+          { leaseTtlMs: config.leaseTtlMs },
+        );
+        log.info('registered at the coordinator', { leaseTtlMs: this.session.ttlMs });
+        this.session.onLost((reason) => {
+          if (this.stopping) return;
+          log.error('lost the coordinator lease; registering again', { reason });
+          this.registration = this.register(log);
+        });
+        return;
+      } catch (error) {
+        if (this.stopping) return;
+        log.warn('registration at the coordinator failed; retrying', { error: String(error) });
+        await new Promise((resolve) => setTimeout(resolve, 1000).unref());
+      }
+    }
   }
 
   /** Serves every volume the coordinator specifies, and retires those it no longer does. */
@@ -264,6 +285,7 @@ export class MirrorsanNode {
         });
       }
     }
+    // A registration still waiting for an old lease to expire ends when the client closes.
     await this.session?.revoke().catch(() => undefined);
     await this.coordinator?.close().catch(() => undefined);
     this.logger.info('node stopped');
