@@ -28,3 +28,23 @@ test('disjoint and touching ranges do not wait; overlapping ones wait for every 
   d.release();
   assert.equal(lock.size, 0);
 });
+
+test('overlapping() waits for the overlapping holders registered before it, registers nothing', async () => {
+  const lock = new RangeLock();
+  assert.equal(lock.overlapping(0, 10), undefined);
+  const a = lock.acquire(0, 100);
+  const b = lock.acquire(200, 300);
+  const wait = lock.overlapping(50, 250)!;
+  assert.equal(lock.overlapping(100, 200), undefined, 'touching ranges do not overlap');
+  assert.equal(lock.size, 2, 'a waiter is not a holder');
+  const later = lock.acquire(60, 70); // registered after the wait: not waited for
+  let settled = false;
+  void wait.then(() => (settled = true));
+  a.release();
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(settled, false, 'still waits for b');
+  b.release();
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(settled, true, 'does not wait for the later holder');
+  later.release();
+});

@@ -22,6 +22,20 @@ export class RangeLock {
     return this.holders.size;
   }
 
+  /**
+   * Settles once every holder registered now whose range overlaps [start, end) has released;
+   * registers nothing, so concurrent waiters (reads) never wait for each other. Undefined
+   * when nothing overlapping is in flight.
+   */
+  overlapping(start: number, end: number): Promise<void> | undefined {
+    const waits: Promise<void>[] = [];
+    for (const holder of this.holders) {
+      if (holder.start < end && start < holder.end) waits.push(holder.done);
+    }
+    if (waits.length === 0) return undefined;
+    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => undefined);
+  }
+
   /** Registers [start, end) now; `ready` settles when earlier overlapping holders released. */
   acquire(start: number, end: number): RangeLease {
     let first: Promise<void> | undefined;
