@@ -76,7 +76,7 @@ import { ImageFile, fileExists } from '../store/image.js';
 import { RangeLock } from '../store/range-lock.js';
 import { crc32c } from '../util/crc32c.js';
 import type { Logger } from '../util/log.js';
-import { planZero } from './local-volume.js';
+import { VolumeApplier } from './applier.js';
 
 const MiB = 1024 * 1024;
 const TWO_POW_32 = 0x1_0000_0000;
@@ -729,61 +729,24 @@ export class ReplicaStore {
 }
 
 /**
- * Applies entries to the image and the map: shared by live entries and replay, so replay
- * ends in the state live applies produced (the same rules as LocalVolume's applier).
+ * Applies entries to the image and the map with the single-node volume's rules
+ * (VolumeApplier), for live entries and replay alike.
  */
 class Applier {
-  private readonly image: ImageFile;
-  private readonly map: AllocationMap;
-  private readonly bs: number;
-  private readonly zeroBlock: Buffer;
+  private readonly applier: VolumeApplier;
 
   constructor(image: ImageFile, map: AllocationMap, blockSizeBytes: number) {
-    this.image = image;
-    this.map = map;
-    this.bs = blockSizeBytes;
-    this.zeroBlock = Buffer.alloc(blockSizeBytes);
+    this.applier = new VolumeApplier(image, map, blockSizeBytes);
   }
 
   /** `logged`: settles when the entry is in its log file; an allocating write waits for it. */
   async apply(entry: LogEntry, payload: Buffer | undefined, logged: Promise<void> | undefined): Promise<void> {
     if (entry.type === ENTRY_TYPE.WRITE) {
       assert(payload !== undefined, 'replica store: WRITE without payload');
-      await this.applyWrite(entry.offset, payload, logged);
+      await this.applier.applyWrite(entry.offset, payload, logged);
     } else {
       assert(entry.type === ENTRY_TYPE.ZERO || entry.type === ENTRY_TYPE.TRIM, `replica store: cannot apply entry type ${entry.type}`);
-      await this.applyZero(entry.offset, entry.lengthBytes, entry.type === ENTRY_TYPE.TRIM);
-    }
-  }
-
-  private async applyWrite(offset: number, data: Buffer, logged: Promise<void> | undefined): Promise<void> {
-    const bs = this.bs;
-    const end = offset + data.length;
-    const firstBlock = Math.floor(offset / bs);
-    const endBlock = Math.ceil(end / bs);
-    if (logged && !this.map.allAllocated(firstBlock, endBlock - firstBlock)) await logged;
-    // A partial write into an unallocated block writes the whole block, zero-padded: the
-    // block never depends on what the file held there before.
-    const buffers: Buffer[] = [];
-    let start = offset;
-    if (offset % bs !== 0 && !this.map.isAllocated(firstBlock)) {
-      start = firstBlock * bs;
-      buffers.push(this.zeroBlock.subarray(0, offset - start));
-    }
-    buffers.push(data);
-    if (end % bs !== 0 && !this.map.isAllocated(endBlock - 1)) buffers.push(this.zeroBlock.subarray(0, endBlock * bs - end));
-    await this.image.write(start, buffers);
-    this.map.setRange(firstBlock, endBlock - firstBlock);
-  }
-
-  private async applyZero(offset: number, length: number, deallocate: boolean): Promise<void> {
-    for (const action of planZero(this.map, offset, length, deallocate)) {
-      if (action.kind === 'zero') {
-        await this.image.writeZeros(action.offset, action.length);
-      } else {
-        await this.image.deallocate(action.offset, action.length);
-        this.map.clearRange(action.offset / this.bs, action.length / this.bs);
-      }
+      await this.applier.applyZero(entry.offset, entry.lengthBytes, entry.type === ENTRY_TYPE.TRIM);
     }
   }
 }
