@@ -18,7 +18,7 @@ describe('mirrorsan command line', { skip: testServerKind() !== 'mirrorsan' }, (
     ['an unparsable size', ['up', '--dir', 'D', '--size', '12XB'], /cannot parse size "12XB".*\(SIZE_INVALID\)/],
     ['a size that is not a multiple of 4096', ['up', '--dir', 'D', '--size', '1050000'], /multiple of 4096.*\(CONFIG_INVALID\)/],
     ['a bad volume name', ['up', '--dir', 'D', '--volume', '../x'], /volume name.*\(CONFIG_INVALID\)/],
-    ['more nodes than this version runs', ['up', '--dir', 'D', '--nodes', '3'], /--nodes 3.*\(CONFIG_INVALID\)/],
+    ['more nodes than this version runs', ['up', '--dir', 'D', '--nodes', '6'], /--nodes 6.*\(CONFIG_INVALID\)/],
     ['a base port out of range', ['up', '--dir', 'D', '--base-port', '70000'], /--base-port.*\(CONFIG_INVALID\)/],
     ['a TLS key without a certificate', ['up', '--dir', 'D', '--tls-key', 'k.pem'], /--tls-cert and --tls-key go together.*\(CONFIG_INVALID\)/],
     ['a missing config file', ['node', '--config', '/nonexistent/node.json'], /cannot read config.*\(CONFIG_INVALID\)/],

@@ -49,7 +49,7 @@ describe('volume management on a running cluster', { skip: testServerKind() !== 
   it('bad requests are refused with one line and a code', async () => {
     const cases: [string[], RegExp][] = [
       [['volume', 'create', 'extra', '--size', '8MiB'], /volume extra already exists \(CONFIG_INVALID\)/],
-      [['volume', 'create', 'x', '--size', '8MiB', '--replicas', '3'], /replication across nodes is not built yet.*\(CONFIG_INVALID\)/],
+      [['volume', 'create', 'x', '--size', '8MiB', '--replicas', '3'], /--replicas 3: only 1 live node.*\(CONFIG_INVALID\)/],
       [['volume', 'create', 'x', '--size', 'big'], /cannot parse size "big".*\(SIZE_INVALID\)/],
       [['volume', 'create', 'x', '--size', '8MiB', '--mode', 'eventual'], /--mode must be sync or async.*\(CONFIG_INVALID\)/],
       [['volume', 'delete', 'missing'], /no volume named missing \(VOLUME_NOT_FOUND\)/],

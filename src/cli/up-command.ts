@@ -3,6 +3,7 @@
 // restart it with `mirrorsan node --config`), prints where everything listens, and stops
 // every node cleanly on SIGINT/SIGTERM.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -29,8 +30,8 @@ export interface UpOptions {
   json?: boolean;
 }
 
-/** Nodes replicate once the mirror engine lands; until then one node owns the volume. */
-const NODES_MAX = 1;
+/** Every node holds a replica of the volume `up` creates (issue 3: one host, up to 5 nodes). */
+const NODES_MAX = 5;
 const NODE_READY_TIMEOUT_MS = 120_000;
 
 function parseIntegerOption(text: string, name: string, min: number, max: number): number {
@@ -46,7 +47,22 @@ export function binPath(): string {
   return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'bin', 'mirrorsan.cjs');
 }
 
-function writeNodeConfig(options: UpOptions, dir: string, index: number, coordinatorUrl: string): string {
+/**
+ * The secret every node authenticates its peers with: DIR/cluster.secret, mode 0600, made once
+ * (kept across `up` runs so that a node restarted from its node.json still joins).
+ */
+function ensureClusterSecret(dir: string): string {
+  const file = path.join(dir, 'cluster.secret');
+  try {
+    fs.writeFileSync(file, randomBytes(32).toString('hex') + '\n', { mode: 0o600, flag: 'wx' });
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+  }
+  fs.chmodSync(file, 0o600);
+  return file;
+}
+
+function writeNodeConfig(options: UpOptions, dir: string, index: number, coordinatorUrl: string, clusterSecretFile: string | null): string {
   const id = `n${index + 1}`;
   const basePort = parseIntegerOption(options.basePort, 'base-port', 1, 65535 - 300);
   const ports = portsForNode(basePort, index);
@@ -65,13 +81,18 @@ function writeNodeConfig(options: UpOptions, dir: string, index: number, coordin
     tls: options.tlsCert
       ? { certFile: path.resolve(options.tlsCert), keyFile: path.resolve(options.tlsKey as string), required: options.tlsRequired === true }
       : null,
+    ...(clusterSecretFile ? { clusterSecretFile } : {}),
   };
   fs.writeFileSync(configPath, JSON.stringify(config, null, 2) + '\n');
   return configPath;
 }
 
-/** Creates the volume at the coordinator, or checks that the existing one matches. */
-async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes: number): Promise<void> {
+/**
+ * Creates the volume at the coordinator, or checks that the existing one matches. With several
+ * nodes every one holds a replica: the spec says so, and the record starts at epoch 1 with all
+ * of them in sync and n1 arbitrating write priority.
+ */
+async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes: number, nodeIds: readonly string[]): Promise<void> {
   const coordinator = await createCoordinator(coordinatorUrl, { logger: createLogger({ component: 'coordinator', level: 'warn' }) });
   try {
     const existing = await coordinator.getVolumeSpec(name);
@@ -81,7 +102,14 @@ async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes:
         `volume ${name} already has size ${existing.sizeBytes} bytes; resizing is not supported yet (asked for ${sizeBytes})`,
       );
     }
-    if (!existing) await coordinator.putVolumeSpec(defaultVolumeSpec(name, sizeBytes), { createOnly: true });
+    if (existing && existing.replicas !== nodeIds.length) {
+      throw new MirrorsanError('CONFIG_INVALID', `volume ${name} already has ${existing.replicas} replicas; changing that is not supported yet (asked for ${nodeIds.length} nodes)`);
+    }
+    if (!existing) await coordinator.putVolumeSpec({ ...defaultVolumeSpec(name, sizeBytes), replicas: nodeIds.length }, { createOnly: true });
+    if (nodeIds.length > 1 && !(await coordinator.getVolumeRecord(name))) {
+      const result = await coordinator.casVolumeRecord(name, null, { epoch: 1, replicas: [...nodeIds], inSync: [...nodeIds], arbiter: nodeIds[0]!, updatedAtMs: Date.now() });
+      if (!result.ok && !result.current) throw new MirrorsanError('COORD_UNAVAILABLE', `could not create the volume record of ${name}`);
+    }
   } finally {
     await coordinator.close();
   }
@@ -117,7 +145,7 @@ export async function runUpCommand(options: UpOptions): Promise<void> {
   const logger = createLogger({ component: 'up' });
   const nodeCount = parseIntegerOption(options.nodes, 'nodes', 1, 64);
   if (nodeCount > NODES_MAX) {
-    throw new MirrorsanError('CONFIG_INVALID', `--nodes ${nodeCount}: this version runs ${NODES_MAX} node; replication across nodes is not built yet`);
+    throw new MirrorsanError('CONFIG_INVALID', `--nodes ${nodeCount}: this version runs at most ${NODES_MAX} nodes on one host`);
   }
   validateVolumeName(options.volume);
   const sizeBytes = validateVolumeSize(parseSize(options.size), options.volume);
@@ -131,9 +159,11 @@ export async function runUpCommand(options: UpOptions): Promise<void> {
   const dir = path.resolve(options.dir);
   fs.mkdirSync(dir, { recursive: true });
   const coordinatorUrl = options.coordinator ?? embeddedCoordinatorUrl(dir);
-  await ensureVolumeSpec(coordinatorUrl, options.volume, sizeBytes);
+  const nodeIds = Array.from({ length: nodeCount }, (_, index) => `n${index + 1}`);
+  await ensureVolumeSpec(coordinatorUrl, options.volume, sizeBytes, nodeIds);
+  const clusterSecretFile = nodeCount > 1 ? ensureClusterSecret(dir) : null;
 
-  const configPaths = Array.from({ length: nodeCount }, (_, index) => writeNodeConfig(options, dir, index, coordinatorUrl));
+  const configPaths = Array.from({ length: nodeCount }, (_, index) => writeNodeConfig(options, dir, index, coordinatorUrl, clusterSecretFile));
   const started = configPaths.map((configPath) => startNodeProcess(configPath));
   const children = started.map((entry) => entry.child);
 

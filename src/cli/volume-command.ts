@@ -10,8 +10,6 @@ import { formatSize, parseSize } from '../util/size.js';
 
 /** Region size until the policing issue measures a better default. */
 export const DEFAULT_REGION_SIZE_BYTES = 1024 * 1024;
-/** Replicas one volume can have in this version: replication across nodes is not built yet. */
-const REPLICAS_MAX = 1;
 
 export function embeddedCoordinatorUrl(dataDir: string): string {
   return `embedded://${path.join(path.resolve(dataDir), 'coordinator')}`;
@@ -47,14 +45,28 @@ export async function runVolumeCreate(
   if (!Number.isInteger(replicas) || replicas < 1) {
     throw new MirrorsanError('CONFIG_INVALID', `--replicas must be a positive integer, got "${options.replicas}"`);
   }
-  if (replicas > REPLICAS_MAX) {
-    throw new MirrorsanError('CONFIG_INVALID', `--replicas ${replicas}: replication across nodes is not built yet; use --replicas 1`);
-  }
   if (options.mode !== 'sync' && options.mode !== 'async') {
     throw new MirrorsanError('CONFIG_INVALID', `--mode must be sync or async, got "${options.mode}"`);
   }
   const spec: VolumeSpec = { ...defaultVolumeSpec(name, sizeBytes), replicas, mode: options.mode as ReplicationMode, strict: options.strict === true };
-  const created = await withCoordinator(options, (coordinator) => coordinator.putVolumeSpec(spec, { createOnly: true }));
+  const created = await withCoordinator(options, async (coordinator) => {
+    // A replicated volume lives on live nodes: the first `replicas` of them (by id) hold it,
+    // all in sync from epoch 1, the first arbitrating write priority.
+    let members: string[] = [];
+    if (replicas > 1) {
+      const live = (await coordinator.liveNodes()).map((node) => node.id).sort();
+      if (replicas > live.length) {
+        throw new MirrorsanError('CONFIG_INVALID', `--replicas ${replicas}: only ${live.length} live node(s) can hold a replica`);
+      }
+      members = live.slice(0, replicas);
+    }
+    if (!(await coordinator.putVolumeSpec(spec, { createOnly: true }))) return false;
+    if (members.length > 0) {
+      const result = await coordinator.casVolumeRecord(name, null, { epoch: 1, replicas: members, inSync: members, arbiter: members[0]!, updatedAtMs: Date.now() });
+      if (!result.ok && !result.current) throw new MirrorsanError('COORD_UNAVAILABLE', `could not create the volume record of ${name}`);
+    }
+    return true;
+  });
   if (!created) throw new MirrorsanError('CONFIG_INVALID', `volume ${name} already exists`);
   process.stdout.write(options.json ? JSON.stringify(spec) + '\n' : `created volume ${name} (${formatSize(sizeBytes)}, ${spec.mode})\n`);
 }

@@ -45,6 +45,8 @@ export interface NodeConfig {
   directWriteMinBytes: number;
   /** libuv thread pool size: file I/O parallelism. */
   threadPoolSize: number;
+  /** The shared secret peers authenticate with (replicated volumes need it); null: no replication. */
+  clusterSecretFile?: string | null;
 }
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -160,6 +162,7 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
     checkpointIntervalMs,
     directWriteMinBytes: asSize(object.directWriteMinBytes ?? 64 * 1024, 'directWriteMinBytes'),
     threadPoolSize,
+    clusterSecretFile: object.clusterSecretFile === undefined || object.clusterSecretFile === null ? null : asString(object.clusterSecretFile, 'clusterSecretFile'),
   });
 }
 

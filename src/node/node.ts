@@ -15,6 +15,7 @@ import type { Logger } from '../util/log.js';
 import type { BlockDevice, ExportRegistry } from '../volume/device.js';
 import { LocalVolume } from '../volume/local-volume.js';
 import type { NodeConfig, VolumeConfig } from './config.js';
+import { NodeReplication, readClusterSecret } from './replication.js';
 
 export interface NodeReadyInfo {
   id: string;
@@ -60,6 +61,8 @@ export class MirrorsanNode {
   private nbdServer: NbdServer | undefined;
   private adminServer: AdminServer | undefined;
   private peerServer: net.Server | undefined;
+  /** Peer links and replicated volumes (replicas > 1); only with a cluster secret. */
+  private replication: NodeReplication | undefined;
   private readonly startedAtMs = Date.now();
   private stopping: Promise<void> | undefined;
 
@@ -72,6 +75,15 @@ export class MirrorsanNode {
   async start(): Promise<NodeReadyInfo> {
     const { config } = this;
     fs.mkdirSync(config.dataDir, { recursive: true });
+    if (config.clusterSecretFile) {
+      this.replication = new NodeReplication({
+        self: config.id,
+        clusterSecret: readClusterSecret(config.clusterSecretFile, this.logger),
+        peerEndpoint: config.peer,
+        logger: this.logger.child('replication'),
+        checkpointIntervalMs: config.checkpointIntervalMs,
+      });
+    }
     for (const volumeConfig of config.volumes) await this.openVolume(volumeConfig);
     if (config.coordinator) await this.joinCoordinator(config.coordinator);
 
@@ -81,15 +93,19 @@ export class MirrorsanNode {
     this.nbdServer = new NbdServer({ registry: this.registry, logger: this.logger, tls });
     await this.nbdServer.listen({ port: config.nbd.port, host: config.nbd.host });
 
-    // The peer port belongs to the mirror engine; until replication is enabled on this node
-    // it answers nothing and says why in the log, so a misconfigured peer is visible.
-    this.peerServer = net.createServer((socket) => {
-      this.logger.child('peer').warn('refused peer connection: replication is not enabled on this node', {
-        remote: `${socket.remoteAddress}:${socket.remotePort}`,
+    if (this.replication) {
+      await this.replication.listen();
+    } else {
+      // The peer port belongs to the mirror engine; until replication is enabled on this node
+      // it answers nothing and says why in the log, so a misconfigured peer is visible.
+      this.peerServer = net.createServer((socket) => {
+        this.logger.child('peer').warn('refused peer connection: replication is not enabled on this node', {
+          remote: `${socket.remoteAddress}:${socket.remotePort}`,
+        });
+        socket.destroy();
       });
-      socket.destroy();
-    });
-    await listenNet(this.peerServer, config.peer.port, config.peer.host);
+      await listenNet(this.peerServer, config.peer.port, config.peer.host);
+    }
 
     this.adminServer = new AdminServer(
       { status: () => this.status(), metrics: () => this.metrics(), dashboardHtml: () => renderDashboard(this.status()) },
@@ -162,6 +178,7 @@ export class MirrorsanNode {
     // first (up to a TTL), and a restarting node should not keep its clients waiting for that.
     // TODO(issue 5): once replicas exist, local reads need a valid lease and in-sync state (I3).
     await this.syncVolumeSpecs();
+    this.replication?.watchPeers(this.coordinator);
     this.specPoll = setInterval(() => {
       this.specSync ??= this.syncVolumeSpecs()
         .catch((error: unknown) => log.warn('could not read volume specs', { error: String(error) }))
@@ -203,6 +220,11 @@ export class MirrorsanNode {
     for (const spec of specs.values()) {
       if (this.stopping) return;
       if (this.volumes.has(spec.name) || this.failedVolumes.has(spec.name)) continue;
+      if (spec.replicas > 1) {
+        if (this.replication?.has(spec.name)) continue;
+        if (await this.openReplicatedVolume(coordinator, spec)) this.managedVolumes.add(spec.name);
+        continue;
+      }
       if (await this.openVolume(volumeConfigOf(spec))) {
         this.managedVolumes.add(spec.name);
         this.logger.info('volume added from the coordinator', { volume: spec.name, sizeBytes: spec.sizeBytes });
@@ -215,8 +237,36 @@ export class MirrorsanNode {
       this.volumes.delete(name);
       this.managedVolumes.delete(name);
       await volume?.close();
+      await this.replication?.closeVolume(name);
       await fs.promises.rm(this.volumeDir(name), { recursive: true, force: true });
       this.logger.info('volume deleted at the coordinator: export closed and data removed', { volume: name });
+    }
+  }
+
+  /** A volume with replicas > 1: served through the replication shell, not LocalVolume. */
+  private async openReplicatedVolume(coordinator: Coordinator, spec: VolumeSpec): Promise<boolean> {
+    const volumeLogger = this.logger.child(`volume ${spec.name}`);
+    try {
+      if (!this.replication) {
+        throw new MirrorsanError('CONFIG_INVALID', `volume ${spec.name} has ${spec.replicas} replicas but this node has no clusterSecretFile`);
+      }
+      const record = await coordinator.getVolumeRecord(spec.name);
+      if (!record) {
+        // `volume create` writes the spec, then the record: look again at the next poll.
+        volumeLogger.debug('replicated volume has no record yet');
+        return false;
+      }
+      const volume = await this.replication.openVolume(spec, record, this.volumeDir(spec.name));
+      this.failedVolumes.delete(spec.name);
+      this.registry.add(volume);
+      volumeLogger.info('replicated volume opened', { epoch: record.epoch, replicas: record.replicas.join(','), inSync: record.inSync.join(',') });
+      return true;
+    } catch (error) {
+      const code = isMirrorsanError(error) ? error.code : 'STORE_IO';
+      const message = error instanceof Error ? error.message : String(error);
+      volumeLogger.error('volume failed to open; it is not exported', { code, error: message });
+      this.failedVolumes.set(spec.name, { name: spec.name, code, message });
+      return false;
     }
   }
 
@@ -234,6 +284,7 @@ export class MirrorsanNode {
         recovery: volume.recovery,
         ...volume.stats(),
       })),
+      replicatedVolumes: this.replication?.status() ?? [],
       failedVolumes: [...this.failedVolumes.values()],
       coordinator: this.config.coordinator
         ? { url: this.config.coordinator, leaseValid: this.session?.isValid() ?? false, leaseRemainingMs: this.session?.remainingMs() ?? 0 }
@@ -274,6 +325,7 @@ export class MirrorsanNode {
     await this.specSync;
     await this.nbdServer?.close();
     await new Promise<void>((resolve) => (this.peerServer ? this.peerServer.close(() => resolve()) : resolve()));
+    await this.replication?.close();
     await this.adminServer?.close();
     for (const volume of this.volumes.values()) {
       try {

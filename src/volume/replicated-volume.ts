@@ -1,0 +1,630 @@
+// A replicated volume on one node (docs/replication.md, issue 3): the BlockDevice that the NBD
+// server sees, over a ReplicaStore (one image, this node's WAL, one container per remote
+// source), a ReplicationSource for this node's client writes, one ReplicationTarget per other
+// replica, and the grant protocol with ONE region (single-writer mode: the grant for the whole
+// volume moves between nodes). This file is the I/O shell of those pure state machines: it
+// performs their effects in order and feeds them link news and time. Sockets are not here: a
+// ReplicaTransport (the node's peer links, or an in-memory loop in tests) carries the frames.
+//
+// Which connection carries what (docs/replication.md, "one TCP connection per ordered pair,
+// dialled by the source side"): everything this node *sends on its own initiative* (its stream
+// as a source, its policing messages as holder or arbiter) goes on the link it dialled to the
+// peer; the answers of this node's target for a source's stream (ACK, SYNC_ACK,
+// CHECKPOINT_ACK) go back on the connection that source dialled to us. So an ACK always
+// follows, on the same TCP connection, the handshake that made the source forget the peer's
+// position: the source is repositioned by exactly the ACK that answers its link-up.
+//
+// Life of a client write: holder.acquire -> 'admit' -> source.write -> 'appendLocal'
+// (store.writeLocal, called synchronously in effect order so the store's own sequence equals
+// the source's) and 'send' WRITE to every in-sync member -> 'complete' once applied locally
+// and ACKed by all -> the client is answered and holder.writeAcknowledged releases its hold.
+// FLUSH and FUA: SYNC on every member plus the local WAL sync (the source's rules, I1).
+//
+// Reads come from the local store, which waits for every overlapping entry registered before
+// the read (an entry acknowledged on receipt may already be acknowledged to a client). That
+// is correct only while this node is in the in-sync set and every member is reachable: reads
+// on a node that fell behind (issue 5: leases, in-sync state, I3) are not fenced yet.
+import { MirrorsanError, assert, isMirrorsanError } from '../errors.js';
+import { ENTRY_TYPE } from '../journal/entry.js';
+import { Arbiter, type ArbiterEffect } from '../policing/arbiter.js';
+import { Holder, type HolderEffect } from '../policing/holder.js';
+import { fromWireGrantMessage, policingRecipient, toWireGrantMessage, type PolicingMessage } from '../policing/messages.js';
+import { WRITE_PAYLOAD_MAX_BYTES, type GrantMessage, type WireEntryType } from '../replication/codec.js';
+import { ReplicationSource, type OperationResult, type SourceEffect, type SourceLimits } from '../replication/engine/source.js';
+import { ReplicationTarget, type TargetEffect } from '../replication/engine/target.js';
+import type { PeerMessage } from '../replication/peer-link.js';
+import type { Logger } from '../util/log.js';
+import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from './device.js';
+import { ReplicaStore } from './replica-store.js';
+
+/** Largest READ/WRITE payload: what one WRITE frame carries. */
+export const REPLICATED_PAYLOAD_MAX_BYTES = WRITE_PAYLOAD_MAX_BYTES;
+/** Client writes waiting for the grant; one more is refused (VOLUME_BUSY). */
+const WAITING_WRITES_MAX = 4096;
+/** A revoked grant still held after this is reported (the membership layer will act on it). */
+const GRANT_HOLD_MAX_MS = 5000;
+/** Unanswered grant requests are sent again this often (besides after every reconnect). */
+const GRANT_RESEND_INTERVAL_MS = 500;
+/** The local store checkpoints at least this often while it has new entries. */
+const DEFAULT_CHECKPOINT_INTERVAL_MS = 30_000;
+/** Attempts to get a store checkpoint that covers a requested sequence (one may be under way). */
+const CHECKPOINT_COVER_ATTEMPTS_MAX = 4;
+
+/** The coordinator's record for the volume, as this node opened it. */
+export interface ReplicaMembership {
+  epoch: number;
+  replicas: readonly string[];
+  inSync: readonly string[];
+  /** The node arbitrating write priority (default: the first in-sync member). */
+  arbiter?: string;
+}
+
+/** How frames leave this node (see the header for which connection carries what). */
+export interface ReplicaTransport {
+  /** On the link this node dialled to `peer`. False: not queued (link down or queue full). */
+  sendToPeer(peer: string, message: PeerMessage): boolean;
+  /** On the connection `source` dialled to this node (our target's answers to its stream). */
+  answerSource(source: string, message: PeerMessage): boolean;
+  /** Closes the connection `source` dialled to us: its stream has a gap; it redials and repositions. */
+  resetInbound(source: string, reason: string): void;
+}
+
+export interface ReplicatedVolumeOptions {
+  name: string;
+  description?: string;
+  sizeBytes: number;
+  /** The store's directory (DATA/volumes/NAME). */
+  dir: string;
+  /** This node's id. */
+  self: string;
+  membership: ReplicaMembership;
+  transport: ReplicaTransport;
+  logger: Logger;
+  sourceLimits?: Partial<SourceLimits>;
+  /** Local store checkpoint period; 0 disables the timer (close still checkpoints). */
+  checkpointIntervalMs?: number;
+}
+
+interface PendingOperation {
+  resolve: () => void;
+  reject: (error: Error) => void;
+  /** Writes hold the grant until acknowledged; flushes do not take it. */
+  holdsGrant: boolean;
+  /** The holder admitted the write (it must be told when the write is done). */
+  admitted: boolean;
+  /** Set once the holder admitted the write and it went to the source. */
+  write?: { entryType: WireEntryType; offset: number; lengthBytes: number; payload: Buffer; fua: boolean };
+}
+
+export class ReplicatedVolume implements BlockDevice {
+  readonly name: string;
+  readonly description: string;
+  readonly self: string;
+  private readonly sizeBytes: number;
+  private readonly membership: ReplicaMembership;
+  private readonly arbiterNode: string;
+  private readonly peers: readonly string[];
+  private readonly store: ReplicaStore;
+  private readonly source: ReplicationSource;
+  private readonly targets = new Map<string, ReplicationTarget>();
+  private readonly holder: Holder;
+  private readonly arbiter: Arbiter | undefined;
+  private readonly transport: ReplicaTransport;
+  private readonly logger: Logger;
+  private readonly pending = new Map<number, PendingOperation>();
+  private readonly checkpointIntervalMs: number;
+  private nextOperationId = 1;
+  private lastCheckpointMs = 0;
+  private checkpointedStamp = 0;
+  private failure: MirrorsanError | undefined;
+  private closed = false;
+  private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0 };
+
+  private constructor(options: ReplicatedVolumeOptions, store: ReplicaStore, targets: Map<string, ReplicationTarget>) {
+    const { membership } = options;
+    this.name = options.name;
+    this.description = options.description ?? `mirrorsan replicated volume ${options.name}`;
+    this.self = options.self;
+    this.sizeBytes = options.sizeBytes;
+    this.membership = { ...membership, replicas: [...membership.replicas], inSync: [...membership.inSync] };
+    this.arbiterNode = membership.arbiter ?? membership.inSync[0]!;
+    this.peers = membership.replicas.filter((node) => node !== options.self);
+    this.store = store;
+    this.targets = targets;
+    this.transport = options.transport;
+    this.logger = options.logger;
+    this.checkpointIntervalMs = options.checkpointIntervalMs ?? DEFAULT_CHECKPOINT_INTERVAL_MS;
+    this.checkpointedStamp = store.recovery.lastStamp;
+    this.source = new ReplicationSource({
+      volume: options.name,
+      self: options.self,
+      mode: 'sync',
+      lastSequence: store.recovery.ownSequence,
+      ...(options.sourceLimits ? { limits: options.sourceLimits } : {}),
+    });
+    // Single-writer mode: one region covers the whole volume (issue 3, item 7).
+    this.holder = new Holder({
+      volume: options.name,
+      epoch: membership.epoch,
+      self: options.self,
+      arbiter: this.arbiterNode,
+      regionCount: 1,
+      waitingWritesMax: WAITING_WRITES_MAX,
+      grantHoldMaxMs: GRANT_HOLD_MAX_MS,
+      resendIntervalMs: GRANT_RESEND_INTERVAL_MS,
+    });
+    // No epoch fence (members omitted): this version never changes the epoch, and every node
+    // starts with no write in flight, so there is no older epoch whose writes could overlap.
+    this.arbiter = this.arbiterNode === options.self
+      ? new Arbiter({ volume: options.name, epoch: membership.epoch, regionCount: 1, waitersPerRegionMax: Math.max(1, membership.replicas.length), grantHoldMaxMs: GRANT_HOLD_MAX_MS })
+      : undefined;
+    this.runSource(this.source.setMembership(membership.epoch, membership.inSync));
+  }
+
+  /** Opens (creating if new) the store in `dir` and replays it; the volume then takes frames and writes. */
+  static async open(options: ReplicatedVolumeOptions): Promise<ReplicatedVolume> {
+    const { membership } = options;
+    assert(Number.isSafeInteger(membership.epoch) && membership.epoch >= 1, `volume ${options.name}: epoch must be >= 1`);
+    assert(membership.replicas.includes(options.self), `volume ${options.name}: ${options.self} is not one of its replicas`);
+    assert(membership.inSync.length > 0 && membership.inSync.every((node) => membership.replicas.includes(node)), `volume ${options.name}: inSync must be a non-empty subset of replicas`);
+    assert(options.sizeBytes % 4096 === 0, `volume ${options.name}: size must be a multiple of 4096`);
+    const store = await ReplicaStore.open({ dir: options.dir, sizeBytes: options.sizeBytes, logger: options.logger.child('store') });
+    try {
+      const targets = new Map<string, ReplicationTarget>();
+      for (const peer of membership.replicas) {
+        if (peer === options.self) continue;
+        const recovered = await store.addSource(peer);
+        targets.set(peer, new ReplicationTarget({ volume: options.name, self: options.self, source: peer, epoch: membership.epoch }, recovered));
+      }
+      return new ReplicatedVolume(options, store, targets);
+    } catch (error) {
+      await store.close({ checkpoint: false }).catch(() => undefined);
+      throw error;
+    }
+  }
+
+  get epoch(): number {
+    return this.membership.epoch;
+  }
+
+  /** Whether `peer` is one of this volume's other replicas (frames from others are dropped). */
+  hasPeer(peer: string): boolean {
+    return this.peers.includes(peer);
+  }
+
+  // ---- BlockDevice ------------------------------------------------------------------------
+
+  geometry(): DeviceGeometry {
+    return {
+      sizeBytes: this.sizeBytes,
+      blockSizeMin: 512,
+      blockSizePreferred: 4096,
+      payloadMaxBytes: REPLICATED_PAYLOAD_MAX_BYTES,
+      readOnly: false,
+      // A FLUSH completes only once every in-sync member made everything before it durable,
+      // and every acknowledged write is registered for reads on every member before its ACK.
+      multiConn: true,
+    };
+  }
+
+  async read(offset: number, length: number): Promise<ReadPiece[]> {
+    this.checkUsable();
+    this.counters.reads++;
+    try {
+      return [{ offset, kind: 'data', data: await this.store.read(offset, length) }];
+    } catch (error) {
+      throw this.asIoError(error);
+    }
+  }
+
+  write(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
+    // The source keeps the payload for resending after the client is answered, and the NBD
+    // server's buffer may be a view of a socket chunk: the volume holds its own copy.
+    return this.submitWrite(ENTRY_TYPE.WRITE, offset, data.length, Buffer.from(data), options.fua);
+  }
+
+  writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    // Whether zeroing is cheap depends on every replica's allocation; do not promise it.
+    if (options.fastZero) return Promise.reject(new MirrorsanError('NBD_ENOTSUP', 'fast zero is not offered on a replicated volume'));
+    return this.submitWrite(options.mayTrim ? ENTRY_TYPE.TRIM : ENTRY_TYPE.ZERO, offset, length, Buffer.alloc(0), options.fua);
+  }
+
+  trim(offset: number, length: number, options: WriteOptions): Promise<void> {
+    return this.submitWrite(ENTRY_TYPE.TRIM, offset, length, Buffer.alloc(0), options.fua);
+  }
+
+  flush(): Promise<void> {
+    this.checkUsable();
+    this.counters.flushes++;
+    const operationId = this.nextOperationId++;
+    const done = this.track(operationId, false);
+    this.runSource(this.source.flush(operationId));
+    return done;
+  }
+
+  async cache(): Promise<void> {
+    // A hint: nothing to prefetch ahead of the page cache.
+  }
+
+  blockStatus(offset: number, length: number): Extent[] {
+    // The store keeps its allocation map to itself: report data (never wrong, only less sparse).
+    return [{ offset, length: Math.min(length, this.sizeBytes - offset), hole: false, zero: false }];
+  }
+
+  // ---- peer inputs (from the node's shell) -------------------------------------------------
+
+  /** A frame from `peer` for this volume (any connection; routed by type). */
+  receive(peer: string, message: PeerMessage): void {
+    if (this.closed || !this.hasPeer(peer)) return;
+    switch (message.type) {
+      case 'WRITE':
+      case 'SYNC':
+      case 'CHECKPOINT': {
+        const target = this.targets.get(peer);
+        if (!target) return;
+        this.runTarget(peer, target.receive(message));
+        return;
+      }
+      case 'ACK':
+      case 'SYNC_ACK':
+      case 'CHECKPOINT_ACK':
+        this.runSource(this.source.receive(peer, message));
+        return;
+      case 'GRANT_REQUEST':
+      case 'GRANT':
+      case 'REVOKE':
+      case 'RELEASE':
+        this.receivePolicing(peer, fromWireGrantMessage(message));
+        return;
+      case 'ERROR':
+        this.logger.warn('peer reported an error', { peer, code: message.code, message: message.message });
+        return;
+    }
+  }
+
+  /** The link this node dialled to `peer` is up: our stream and our policing messages can go. */
+  outboundUp(peer: string): void {
+    if (this.closed || !this.hasPeer(peer)) return;
+    this.runSource(this.source.linkUp(peer, true));
+    this.runHolder(this.holder.linkUp(peer));
+    if (this.arbiter) this.runArbiter(this.arbiter.linkUp(peer));
+  }
+
+  outboundDown(peer: string): void {
+    if (this.closed || !this.hasPeer(peer)) return;
+    this.runSource(this.source.linkDown(peer, true));
+  }
+
+  /** `peer` dialled us: tell its stream where it stands here (the ACK goes back on that connection). */
+  inboundUp(peer: string): void {
+    if (this.closed || !this.hasPeer(peer)) return;
+    const target = this.targets.get(peer);
+    if (target) this.runTarget(peer, target.linkUp());
+    this.runHolder(this.holder.linkUp(peer));
+    if (this.arbiter) this.runArbiter(this.arbiter.linkUp(peer));
+  }
+
+  /** Time passes (monotonic, integer milliseconds). */
+  tick(nowMs: number): void {
+    if (this.closed) return;
+    const now = Math.floor(nowMs);
+    this.runSource(this.source.tick(now));
+    this.runHolder(this.holder.tick(now));
+    if (this.arbiter) this.runArbiter(this.arbiter.tick(now));
+    if (this.checkpointIntervalMs > 0 && now - this.lastCheckpointMs >= this.checkpointIntervalMs) {
+      this.lastCheckpointMs = now;
+      const stamp = this.store.stats().stamp;
+      if (stamp > this.checkpointedStamp && !this.failure) {
+        this.store.checkpoint().then(
+          (result) => (this.checkpointedStamp = Math.max(this.checkpointedStamp, result.stamp)),
+          (error: unknown) => this.fail(error, 'periodic checkpoint'),
+        );
+      }
+    }
+  }
+
+  // ---- inspection --------------------------------------------------------------------------
+
+  status(): object {
+    const grant = this.holder.grantOf(0);
+    const store = this.store.stats();
+    const peers: Record<string, object | undefined> = {};
+    for (const peer of this.peers) peers[peer] = this.source.peer(peer);
+    const sources: Record<string, object> = {};
+    for (const [peer, target] of this.targets) {
+      const stored = store.sources[peer];
+      sources[peer] = {
+        lastAppliedSequence: target.receivedSequence,
+        durableSequence: target.durableSequence,
+        checkpointSequence: target.checkpointSequence,
+        partitionEntries: stored?.partitionEntries ?? target.partitionEntries,
+        partitionBytes: stored?.partitionBytes ?? 0,
+        containerBytes: stored?.containerBytes ?? 0,
+      };
+    }
+    return {
+      name: this.name,
+      sizeBytes: this.sizeBytes,
+      epoch: this.membership.epoch,
+      replicas: [...this.membership.replicas],
+      inSync: [...this.membership.inSync],
+      arbiter: this.arbiterNode,
+      grant: {
+        heldHere: grant.held,
+        generation: grant.generation,
+        revoking: grant.revoking,
+        // Only the arbiter knows who holds it; elsewhere: this node, or unknown.
+        holder: this.arbiter ? (this.arbiter.region(0).holder ?? null) : grant.held ? this.self : null,
+        waitingWrites: this.holder.writesWaiting,
+        admittedWrites: this.holder.writesAdmitted,
+      },
+      source: {
+        lastSequence: this.source.lastSequence,
+        retainedEntries: this.source.retainedCount,
+        pendingOperations: this.source.pendingOperations,
+        peers,
+      },
+      sources,
+      store: { stamp: store.stamp, checkpointStamp: store.checkpointStamp, ownSequence: store.ownSequence, allocatedBytes: store.allocatedBytes, checkpoints: store.checkpoints },
+      counters: { ...this.counters },
+      failure: this.failure ? { code: this.failure.code, message: this.failure.message } : null,
+    };
+  }
+
+  stats(): Record<string, number> {
+    const store = this.store.stats();
+    return { ...this.counters, lastSequence: this.source.lastSequence, pendingOperations: this.pending.size, allocatedBytes: store.allocatedBytes };
+  }
+
+  /**
+   * Fails what is still pending (its peers may never answer now), checkpoints and closes the
+   * store. Call after the NBD server stopped taking requests.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const closing = new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closing`);
+    for (const operation of this.pending.values()) operation.reject(closing);
+    this.pending.clear();
+    await this.store.close({ checkpoint: !this.failure });
+  }
+
+  // ---- internals: client operations --------------------------------------------------------
+
+  private submitWrite(entryType: WireEntryType, offset: number, lengthBytes: number, payload: Buffer, fua: boolean): Promise<void> {
+    this.checkUsable();
+    this.counters.writes++;
+    const operationId = this.nextOperationId++;
+    const done = this.track(operationId, true);
+    this.pending.get(operationId)!.write = { entryType, offset, lengthBytes, payload, fua };
+    this.runHolder(this.holder.acquire(operationId, [0]));
+    return done;
+  }
+
+  private track(operationId: number, holdsGrant: boolean): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.pending.set(operationId, { resolve, reject, holdsGrant, admitted: false });
+    });
+  }
+
+  private admitted(operationId: number): void {
+    const operation = this.pending.get(operationId);
+    assert(operation?.write !== undefined, `admitted write ${operationId} is not pending`);
+    operation.admitted = true;
+    const { entryType, offset, lengthBytes, payload, fua } = operation.write;
+    this.runSource(this.source.write({ operationId, entryType, offset, lengthBytes, payload, fua }));
+  }
+
+  private finish(operationId: number, result: OperationResult): void {
+    const operation = this.pending.get(operationId);
+    if (!operation) return; // failed already (store failure or close)
+    this.pending.delete(operationId);
+    if (result.ok) operation.resolve();
+    else operation.reject(new MirrorsanError(result.code, result.message));
+    if (operation.holdsGrant && operation.admitted && !this.closed) this.runHolder(this.holder.writeAcknowledged(operationId));
+  }
+
+  // ---- internals: effects -------------------------------------------------------------------
+
+  private runSource(effects: readonly SourceEffect[]): void {
+    for (const effect of effects) {
+      switch (effect.kind) {
+        case 'appendLocal': {
+          const { entry } = effect;
+          // Called synchronously, in effect order: the store's own sequence is the source's.
+          const type = entry.entryType;
+          const applied = this.store.writeLocal(type, entry.offset, entry.lengthBytes, type === ENTRY_TYPE.WRITE ? entry.payload : undefined);
+          applied.then(
+            (sequence) => {
+              assert(sequence === entry.sequence, `store sequence ${sequence} differs from the source's ${entry.sequence}`);
+              if (!this.closed) this.runSource(this.source.localApplied(entry.sequence));
+            },
+            (error: unknown) => this.fail(error, `local apply of entry ${entry.sequence}`),
+          );
+          break;
+        }
+        case 'syncLocal':
+          this.store.flushLocal().then(
+            () => {
+              if (!this.closed) this.runSource(this.source.localSynced(effect.throughSequence));
+            },
+            (error: unknown) => this.fail(error, 'local log sync'),
+          );
+          break;
+        case 'send':
+          // A frame that cannot be queued is lost like one on a failed link: the peer's next
+          // ACK repositions the stream (a gap makes its target reset the connection first).
+          if (!this.transport.sendToPeer(effect.peer, effect.message)) {
+            this.logger.debug('stream frame not sent', { peer: effect.peer, type: effect.message.type, sequence: effect.message.sequence });
+          }
+          break;
+        case 'complete':
+          this.finish(effect.operationId, effect.result);
+          break;
+        case 'peerNeedsCatchUp':
+          this.logger.error('peer stands below the resend window; it needs a resync (not built yet)', {
+            peer: effect.peer,
+            peerSequence: effect.peerSequence,
+            retainedFromSequence: effect.retainedFromSequence,
+          });
+          break;
+        case 'refused':
+          this.logger.warn('source refused a message', { peer: effect.peer, code: effect.code, reason: effect.reason });
+          break;
+      }
+    }
+  }
+
+  private runTarget(peer: string, effects: readonly TargetEffect[]): void {
+    const target = this.targets.get(peer)!;
+    for (const effect of effects) {
+      switch (effect.kind) {
+        case 'apply': {
+          const { entry } = effect;
+          this.counters.remoteEntriesApplied++;
+          // Registered in the range lock now (arrival order); the ACK below goes out at once.
+          this.store
+            .applyRemote(peer, { sequence: entry.sequence, type: entry.entryType, offset: entry.offset, lengthBytes: entry.lengthBytes }, entry.entryType === ENTRY_TYPE.WRITE ? entry.payload : undefined)
+            .catch((error: unknown) => this.fail(error, `apply of ${peer}'s entry ${entry.sequence}`));
+          break;
+        }
+        case 'appendToContainer':
+          // The store mirrors the target's partition (every apply joined it); it spills the lot.
+          this.store.spill(peer, { sync: effect.sync }).then(
+            (durable) => {
+              if (!effect.sync || this.closed) return;
+              assert(durable >= effect.throughSequence, `container of ${peer} durable through ${durable}, not ${effect.throughSequence}`);
+              this.runTarget(peer, target.containerSynced(effect.throughSequence));
+            },
+            (error: unknown) => this.fail(error, `spill of ${peer}'s partition`),
+          );
+          break;
+        case 'checkpoint':
+          this.checkpointCovering(peer, effect.sequence).then(
+            () => {
+              if (!this.closed) this.runTarget(peer, target.checkpointDone(effect.sequence));
+            },
+            (error: unknown) => this.fail(error, `checkpoint for ${peer}`),
+          );
+          break;
+        case 'send':
+          this.transport.answerSource(peer, effect.message);
+          break;
+        case 'resyncNeeded':
+          this.logger.warn('stream gap: resetting the connection', { peer, reason: effect.reason });
+          this.transport.resetInbound(peer, effect.reason);
+          break;
+        case 'refused':
+          this.logger.warn('target refused a frame', { peer, code: effect.code, reason: effect.reason });
+          break;
+      }
+    }
+  }
+
+  /** A store checkpoint whose record covers `sequence` of `peer` (a run already under way may not). */
+  private async checkpointCovering(peer: string, sequence: number): Promise<void> {
+    for (let attempt = 1; attempt <= CHECKPOINT_COVER_ATTEMPTS_MAX; attempt++) {
+      const result = await this.store.checkpoint();
+      this.checkpointedStamp = Math.max(this.checkpointedStamp, result.stamp);
+      if ((result.sources.get(peer) ?? 0) >= sequence) return;
+    }
+    throw new MirrorsanError('STORE_IO', `checkpoint does not cover ${peer}'s sequence ${sequence} after ${CHECKPOINT_COVER_ATTEMPTS_MAX} attempts`);
+  }
+
+  private receivePolicing(peer: string, message: PolicingMessage): void {
+    if (policingRecipient(message, (epoch) => this.arbiter !== undefined && this.arbiter.epoch === epoch) === 'arbiter') {
+      if (this.arbiter) this.runArbiter(this.arbiter.receive(peer, message));
+      else this.logger.debug('policing message for an arbiter this node is not', { peer, type: message.type });
+      return;
+    }
+    if (message.type === 'GRANT') this.counters.grantsReceived++;
+    this.runHolder(this.holder.receive(peer, message));
+  }
+
+  private sendPolicing(target: string, message: PolicingMessage, recipientRole: 'holder' | 'arbiter'): void {
+    if (target === this.self) {
+      // Between this node's own holder and arbiter: delivered as a later event, in order,
+      // never re-entrantly inside the machine that produced it.
+      queueMicrotask(() => {
+        if (this.closed) return;
+        if (recipientRole === 'arbiter') {
+          if (this.arbiter) this.runArbiter(this.arbiter.receive(this.self, message));
+        } else {
+          if (message.type === 'GRANT') this.counters.grantsReceived++;
+          this.runHolder(this.holder.receive(this.self, message));
+        }
+      });
+      return;
+    }
+    const wire: GrantMessage = toWireGrantMessage(message);
+    this.transport.sendToPeer(target, wire);
+  }
+
+  private runHolder(effects: readonly HolderEffect[]): void {
+    for (const effect of effects) {
+      switch (effect.kind) {
+        case 'send':
+          this.sendPolicing(effect.target, effect.message, 'arbiter');
+          break;
+        case 'admit':
+          this.admitted(effect.writeId);
+          break;
+        case 'refuse':
+          this.finish(effect.writeId, { ok: false, code: effect.code, message: effect.message });
+          break;
+        case 'ignored':
+          this.logger.debug('holder ignored a message', { source: effect.source, type: effect.message.type, reason: effect.reason });
+          break;
+        case 'holdOverdue':
+          this.logger.warn('grant revoked but still held: writes lack acknowledgements', { region: effect.region, writesInFlight: effect.writesInFlight, revokedForMs: effect.revokedForMs });
+          break;
+        case 'epochChanged':
+          this.logger.info('grant epoch changed', { epoch: effect.epoch, arbiter: effect.arbiter });
+          break;
+      }
+    }
+  }
+
+  private runArbiter(effects: readonly ArbiterEffect[]): void {
+    for (const effect of effects) {
+      switch (effect.kind) {
+        case 'send':
+          this.sendPolicing(effect.target, effect.message, 'holder');
+          break;
+        case 'queued':
+          break;
+        case 'ignored':
+          this.logger.debug('arbiter ignored a message', { source: effect.source, type: effect.message.type, reason: effect.reason });
+          break;
+        case 'holdOverdue':
+          this.logger.warn('a holder keeps a revoked grant', { region: effect.region, holder: effect.holder, revokedForMs: effect.revokedForMs });
+          break;
+      }
+    }
+  }
+
+  // ---- internals: failure ------------------------------------------------------------------
+
+  /** The store failed: nothing more is accepted, and every pending operation fails (NBD_EIO). */
+  private fail(error: unknown, what: string): void {
+    if (this.closed) return;
+    const failure = this.asIoError(error);
+    if (!this.failure) {
+      this.failure = failure;
+      this.logger.error('replicated volume failed; it accepts no more writes', { what, code: failure.code, error: failure.message });
+    }
+    for (const operation of this.pending.values()) operation.reject(failure);
+    this.pending.clear();
+  }
+
+  private asIoError(error: unknown): MirrorsanError {
+    if (isMirrorsanError(error) && (error.code.startsWith('NBD_') || error.code === 'VOLUME_BUSY')) return error;
+    const message = error instanceof Error ? error.message : String(error);
+    return new MirrorsanError('NBD_EIO', `volume ${this.name}: ${message}`, { cause: error });
+  }
+
+  private checkUsable(): void {
+    if (this.closed) throw new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`);
+    if (this.failure) throw this.failure;
+  }
+}
