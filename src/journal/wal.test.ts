@@ -25,7 +25,7 @@ const CAPACITY = 256 * KiB;
 
 async function tempDir(t: { after: (fn: () => Promise<void>) => void }): Promise<string> {
   const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'mirrorsan-wal-'));
-  t.after(() => fs.promises.rm(dir, { recursive: true, force: true }));
+  t.after(() => fs.promises.rm(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 }));
   return dir;
 }
 

@@ -19,14 +19,26 @@ const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
 const NO_FUA = { fua: false };
 
+/** Volumes opened by a test, by directory: closed before their directory is removed. */
+const openedVolumes = new Map<string, LocalVolume[]>();
+
 async function tempDir(t: { after: (fn: () => Promise<void>) => void }): Promise<string> {
   const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'mirrorsan-vol-'));
-  t.after(() => fs.promises.rm(dir, { recursive: true, force: true }));
+  // after() hooks run in registration order, so this one may run before a test's own
+  // volume.close(): close (idempotent) first, so no background log job writes into a
+  // directory being removed.
+  t.after(async () => {
+    for (const volume of openedVolumes.get(dir) ?? []) await volume.close().catch(() => undefined);
+    openedVolumes.delete(dir);
+    await fs.promises.rm(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 });
+  });
   return dir;
 }
 
 async function openVolume(dir: string, options: Partial<LocalVolumeOptions> = {}): Promise<LocalVolume> {
-  return LocalVolume.open({ dir, name: 'v', sizeBytes: SIZE, logger: createMemoryLogger(), checkpointIntervalMs: 0, ...options });
+  const volume = await LocalVolume.open({ dir, name: 'v', sizeBytes: SIZE, logger: createMemoryLogger(), checkpointIntervalMs: 0, ...options });
+  openedVolumes.set(dir, [...(openedVolumes.get(dir) ?? []), volume]);
+  return volume;
 }
 
 /** Reads through the device, checking that the pieces tile the range in order. */
