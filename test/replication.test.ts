@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { randomData, runOk, sha256, sha256File, sleep, startUp, testServerKind, withServerLog } from './helpers/index.js';
+import { CLI_PATH, randomData, runOk, sha256, sha256File, sleep, startUp, testServerKind, withServerLog } from './helpers/index.js';
 import type { UpCluster } from './helpers/index.js';
 import { writeFile } from 'node:fs/promises';
 
@@ -70,6 +70,9 @@ describe('3 nodes mirror one volume synchronously', { skip: testServerKind() !==
     assert.equal((await replicated(1)).grant.heldHere, true);
     // n1 applied n2's stream: its per-source status counts it.
     assert.ok(arbiter.sources.n2!.lastAppliedSequence >= 1, JSON.stringify(arbiter.sources));
+    // `mirrorsan status` shows the same as a table.
+    const table = await runOk(process.execPath, [CLI_PATH, 'status', '--admin', cluster.nodes[0]!.admin]);
+    assert.match(table.stdout, new RegExp(`^${cluster.volume}\\s+64MiB\\s+1\\s+n1,n2,n3\\s+n1\\s+n2\\s`, 'm'), table.stdout);
   }));
 
   it('nbdcopy in through n1 and out through n2 and n3 gives identical sha256', withServerLog(log, async () => {
