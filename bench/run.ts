@@ -10,8 +10,10 @@ import {
 } from '../test/helpers/index.js';
 import type { FioDirection, FioReport, NbdkitServer, UpCluster } from '../test/helpers/index.js';
 
-type ServerKind = 'nbdkit-file' | 'nbdkit-memory' | 'mirrorsan';
-const SERVER_KINDS: readonly ServerKind[] = ['nbdkit-file', 'nbdkit-memory', 'mirrorsan'];
+type ServerKind = 'nbdkit-file' | 'nbdkit-memory' | 'mirrorsan' | 'mirrorsan-2way' | 'mirrorsan-3way';
+const SERVER_KINDS: readonly ServerKind[] = ['nbdkit-file', 'nbdkit-memory', 'mirrorsan', 'mirrorsan-2way', 'mirrorsan-3way'];
+/** Nodes (= replicas) of each mirrorsan variant; all on this host, the client talks to n1. */
+const MIRRORSAN_NODES: Partial<Record<ServerKind, number>> = { mirrorsan: 1, 'mirrorsan-2way': 2, 'mirrorsan-3way': 3 };
 /** The baseline every ratio is taken against: unreplicated, same disk, same client. */
 const BASELINE: ServerKind = 'nbdkit-file';
 
@@ -122,8 +124,9 @@ const progress = (message: string): void => {
 };
 
 async function startTarget(kind: ServerKind, config: BenchConfig, workDir: string): Promise<Target> {
-  if (kind === 'mirrorsan') {
-    const cluster: UpCluster = await startUp({ nodes: 1, volume: 'bench', size: String(config.sizeBytes), readyTimeoutMs: 60_000 });
+  const nodes = MIRRORSAN_NODES[kind];
+  if (nodes !== undefined) {
+    const cluster: UpCluster = await startUp({ nodes, volume: 'bench', size: String(config.sizeBytes), readyTimeoutMs: 60_000 });
     return {
       kind,
       uri: cluster.nodes[0]!.nbd,
