@@ -53,6 +53,8 @@ export class MirrorsanNode {
   private readonly failedVolumes = new Map<string, { name: string; code: string; message: string }>();
   /** Volumes that come from the coordinator's specs (the others come from the config file). */
   private readonly managedVolumes = new Set<string>();
+  /** Replicated volumes whose record does not list this node. */
+  private readonly volumesNotHere = new Set<string>();
   private coordinator: Coordinator | undefined;
   private session: NodeSession | undefined;
   private specPoll: NodeJS.Timeout | undefined;
@@ -221,7 +223,7 @@ export class MirrorsanNode {
       if (this.stopping) return;
       if (this.volumes.has(spec.name) || this.failedVolumes.has(spec.name)) continue;
       if (spec.replicas > 1) {
-        if (this.replication?.has(spec.name)) continue;
+        if (this.replication?.has(spec.name) || this.volumesNotHere.has(spec.name)) continue;
         if (await this.openReplicatedVolume(coordinator, spec)) this.managedVolumes.add(spec.name);
         continue;
       }
@@ -230,6 +232,7 @@ export class MirrorsanNode {
         this.logger.info('volume added from the coordinator', { volume: spec.name, sizeBytes: spec.sizeBytes });
       }
     }
+    for (const name of this.volumesNotHere) if (!specs.has(name)) this.volumesNotHere.delete(name);
     for (const name of [...this.managedVolumes]) {
       if (specs.has(name) || this.stopping) continue;
       const volume = this.volumes.get(name);
@@ -254,6 +257,15 @@ export class MirrorsanNode {
       if (!record) {
         // `volume create` writes the spec, then the record: look again at the next poll.
         volumeLogger.debug('replicated volume has no record yet');
+        return false;
+      }
+      if (!record.replicas.includes(this.config.id)) {
+        // Every node should export every volume (DESIGN §5: a node without a replica
+        // forwards to one); until forwarding exists, a non-replica node does not export it.
+        if (!this.volumesNotHere.has(spec.name)) {
+          this.volumesNotHere.add(spec.name);
+          volumeLogger.info('this node holds no replica of the volume; not exported here', { replicas: record.replicas.join(',') });
+        }
         return false;
       }
       const volume = await this.replication.openVolume(spec, record, this.volumeDir(spec.name));
@@ -285,6 +297,7 @@ export class MirrorsanNode {
         ...volume.stats(),
       })),
       replicatedVolumes: this.replication?.status() ?? [],
+      volumesWithoutReplicaHere: [...this.volumesNotHere],
       failedVolumes: [...this.failedVolumes.values()],
       coordinator: this.config.coordinator
         ? { url: this.config.coordinator, leaseValid: this.session?.isValid() ?? false, leaseRemainingMs: this.session?.remainingMs() ?? 0 }
