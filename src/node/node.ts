@@ -123,7 +123,7 @@ export class MirrorsanNode {
       admin: `http://${hostForUri(config.admin.host)}:${config.admin.port}`,
       config: this.configPath,
     };
-    this.logger.info('node ready', { nbd: info.nbd, admin: info.admin, volumes: config.volumes.length });
+    this.logger.info('node ready', { nbd: info.nbd, admin: info.admin, volumes: this.registry.list().length });
     return info;
   }
 
