@@ -3,27 +3,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Arbiter, type ArbiterConfig, type ArbiterEffect } from './arbiter.js';
 import type { PolicingMessage } from './messages.js';
+import { VOLUME, checkedAfterEveryCall, message } from './fixtures.js';
 
-const VOLUME = 'vol';
 
 /** An Arbiter whose invariants are checked after every call the test makes. */
 function arbiter(overrides: Partial<ArbiterConfig> = {}): Arbiter {
   const target = new Arbiter({ volume: VOLUME, epoch: 1, regionCount: 8, waitersPerRegionMax: 4, grantHoldMaxMs: 100, ...overrides });
-  return new Proxy(target, {
-    get(object, key) {
-      const value: unknown = Reflect.get(object, key, object);
-      if (typeof value !== 'function' || key === 'assertInvariants') return value;
-      return (...args: unknown[]) => {
-        const result: unknown = value.apply(object, args);
-        object.assertInvariants();
-        return result;
-      };
-    },
-  });
-}
-
-function message(type: Exclude<PolicingMessage['type'], 'DRAINED'>, region: number, generation: number, epoch = 1): PolicingMessage {
-  return type === 'GRANT_REFUSED' ? { type, volume: VOLUME, epoch, region, generation: 0 } : { type, volume: VOLUME, epoch, region, generation };
+  return checkedAfterEveryCall(target);
 }
 
 /** Sends as "target TYPE region/generation", the rest as their kind (and reason). */

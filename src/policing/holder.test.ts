@@ -3,28 +3,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Holder, type HolderConfig, type HolderEffect } from './holder.js';
 import type { PolicingMessage } from './messages.js';
+import { VOLUME, checkedAfterEveryCall, message } from './fixtures.js';
 
-const VOLUME = 'vol';
 const ARBITER = 'n9';
 
 /** A Holder whose invariants are checked after every call the test makes. */
 function holder(overrides: Partial<HolderConfig> = {}): Holder {
   const target = new Holder({ volume: VOLUME, epoch: 1, self: 'n1', arbiter: ARBITER, regionCount: 8, waitingWritesMax: 4, grantHoldMaxMs: 100, resendIntervalMs: 1000, ...overrides });
-  return new Proxy(target, {
-    get(object, key) {
-      const value: unknown = Reflect.get(object, key, object);
-      if (typeof value !== 'function' || key === 'assertInvariants') return value;
-      return (...args: unknown[]) => {
-        const result: unknown = value.apply(object, args);
-        object.assertInvariants();
-        return result;
-      };
-    },
-  });
-}
-
-function message(type: Exclude<PolicingMessage['type'], 'DRAINED'>, region: number, generation: number, epoch = 1): PolicingMessage {
-  return type === 'GRANT_REFUSED' ? { type, volume: VOLUME, epoch, region, generation: 0 } : { type, volume: VOLUME, epoch, region, generation };
+  return checkedAfterEveryCall(target);
 }
 
 function summary(effects: readonly HolderEffect[]): string[] {
