@@ -8,7 +8,14 @@ interface ReplicatedVolumeStatus {
   epoch: number;
   inSync: string[];
   arbiter?: string;
-  grant?: { holder: string | null; heldHere: boolean; waitingWrites: number };
+  fence?: string | null;
+  policing?: {
+    mode: 'single-writer' | 'regions';
+    regionSizeBytes: number;
+    regionsHeldHere: number;
+    waitingWrites: number;
+    arbiter: { regionsHeld: Record<string, number>; waiters: number; awaitingDrained: string[] } | null;
+  };
   source?: { lastSequence: number };
   sources?: Record<string, { lastAppliedSequence: number; partitionEntries: number }>;
 }
@@ -52,7 +59,7 @@ export async function runStatusCommand(options: { admin: string; json?: boolean 
   if (status.volumes.length > 0 || replicated.length === 0) printTable(rows);
   if (replicated.length > 0) {
     process.stdout.write(status.volumes.length > 0 ? '\nreplicated volumes\n' : 'replicated volumes\n');
-    const replicatedRows = [['VOLUME', 'SIZE', 'EPOCH', 'IN-SYNC', 'ARBITER', 'GRANT HOLDER', 'OWN SEQ', 'APPLIED FROM PEERS']];
+    const replicatedRows = [['VOLUME', 'SIZE', 'EPOCH', 'IN-SYNC', 'ARBITER', 'REGIONS', 'HOLDERS', 'HELD HERE', 'WAITING', 'OWN SEQ', 'APPLIED FROM PEERS']];
     for (const volume of replicated) {
       const applied = Object.entries(volume.sources ?? {}).map(([source, state]) => `${source}:${state.lastAppliedSequence}`);
       replicatedRows.push([
@@ -61,13 +68,33 @@ export async function runStatusCommand(options: { admin: string; json?: boolean 
         String(volume.epoch),
         volume.inSync.join(','),
         volume.arbiter ?? '-',
-        volume.grant?.holder ?? (volume.grant?.heldHere ? status.node.id : '-'),
+        policingMode(volume),
+        holders(volume),
+        String(volume.policing?.regionsHeldHere ?? '-'),
+        String(volume.policing?.waitingWrites ?? '-'),
         String(volume.source?.lastSequence ?? '-'),
         applied.join(' ') || '-',
       ]);
     }
     printTable(replicatedRows);
+    for (const volume of replicated) if (volume.fence) process.stdout.write(`${volume.name}: not serving here: ${volume.fence}\n`);
   }
+}
+
+function policingMode(volume: ReplicatedVolumeStatus): string {
+  const policing = volume.policing;
+  if (!policing) return '-';
+  return policing.mode === 'single-writer' ? 'single-writer' : formatSize(policing.regionSizeBytes);
+}
+
+/** Regions held per node, as the arbiter sees them (`n1:12 n2:3`); '-' on other nodes. */
+function holders(volume: ReplicatedVolumeStatus): string {
+  const table = volume.policing?.arbiter;
+  if (!table) return '-';
+  const held = Object.entries(table.regionsHeld).sort(([a], [b]) => a.localeCompare(b)).map(([node, count]) => `${node}:${count}`);
+  if (table.awaitingDrained.length > 0) held.push(`(fenced: waiting for ${table.awaitingDrained.join(',')})`);
+  else if (table.waiters > 0) held.push(`(${table.waiters} queued)`);
+  return held.join(' ') || 'none';
 }
 
 function printTable(rows: string[][]): void {

@@ -268,7 +268,7 @@ export class MirrorsanNode {
         }
         return false;
       }
-      const volume = await this.replication.openVolume(spec, record, this.volumeDir(spec.name));
+      const volume = await this.replication.openVolume(spec, record, this.volumeDir(spec.name), coordinator);
       this.failedVolumes.delete(spec.name);
       this.registry.add(volume);
       volumeLogger.info('replicated volume opened', { epoch: record.epoch, replicas: record.replicas.join(','), inSync: record.inSync.join(',') });
@@ -285,7 +285,8 @@ export class MirrorsanNode {
   status(): object {
     return {
       node: { id: this.config.id, pid: process.pid, uptimeMs: Date.now() - this.startedAtMs },
-      epoch: 0,
+      // The newest epoch among the replicated volumes' records (each volume shows its own).
+      epoch: this.replication?.highestEpoch ?? 0,
       nbd: { endpoint: `${this.config.nbd.host}:${this.config.nbd.port}`, ...this.nbdServer?.stats() },
       volumes: [...this.volumes.values()].map((volume) => ({
         name: volume.name,

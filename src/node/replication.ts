@@ -14,7 +14,7 @@ import type { Coordinator, NodeRegistration, Unsubscribe, VolumeRecord, VolumeSp
 import { MirrorsanError, assert } from '../errors.js';
 import { PeerLink, PeerListener, type PeerConnection, type PeerMessage, type PeerTimings } from '../replication/peer-link.js';
 import type { Logger } from '../util/log.js';
-import { ReplicatedVolume } from '../volume/replicated-volume.js';
+import { ReplicatedVolume, type ReplicaMembership } from '../volume/replicated-volume.js';
 import type { Endpoint } from './config.js';
 
 /** Every node of a cluster shares this id; the cluster secret is what tells clusters apart. */
@@ -50,6 +50,11 @@ export function readClusterSecret(file: string, logger: Logger): Buffer {
   return Buffer.from(text, 'utf8');
 }
 
+/** The volume's view of a coordinator record. */
+export function membershipOf(record: VolumeRecord): ReplicaMembership {
+  return { epoch: record.epoch, replicas: record.replicas, inSync: record.inSync, ...(record.arbiter ? { arbiter: record.arbiter } : {}) };
+}
+
 export class NodeReplication {
   private readonly options: NodeReplicationOptions;
   private readonly logger: Logger;
@@ -69,6 +74,8 @@ export class NodeReplication {
   private earlyAckCount = 0;
   private tickTimer: NodeJS.Timeout | undefined;
   private unwatchNodes: Unsubscribe | undefined;
+  /** Per open volume: the watch on its coordinator record (epoch changes reach the volume). */
+  private readonly recordWatches = new Map<string, Unsubscribe>();
   private closed = false;
 
   constructor(options: NodeReplicationOptions) {
@@ -117,9 +124,14 @@ export class NodeReplication {
 
   /**
    * Opens a replicated volume this node is a replica of. The record must exist (created with
-   * the spec by `mirrorsan up` or `mirrorsan volume create`).
+   * the spec by `mirrorsan up` or `mirrorsan volume create`). Then follows the record (every
+   * newer epoch reaches the volume) and *rejoins*: moves the record to a new epoch with the
+   * same members. This node lost whatever it knew before it (re)started (grants it held, the
+   * arbiter's table if it arbitrates, its peers' stream positions); a new epoch makes every
+   * member drop its grants and the arbiter start fenced, so no grant of the old epoch can
+   * overlap one given after the restart.
    */
-  async openVolume(spec: VolumeSpec, record: VolumeRecord, dir: string): Promise<ReplicatedVolume> {
+  async openVolume(spec: VolumeSpec, record: VolumeRecord, dir: string, coordinator?: Coordinator): Promise<ReplicatedVolume> {
     assert(!this.volumes.has(spec.name), `volume ${spec.name} is open already`);
     if (!record.replicas.includes(this.options.self)) {
       throw new MirrorsanError('CONFIG_INVALID', `volume ${spec.name}: this node (${this.options.self}) is not one of its replicas (${record.replicas.join(', ')})`);
@@ -131,7 +143,8 @@ export class NodeReplication {
       sizeBytes: spec.sizeBytes,
       dir,
       self: this.options.self,
-      membership: { epoch: record.epoch, replicas: record.replicas, inSync: record.inSync, ...(record.arbiter ? { arbiter: record.arbiter } : {}) },
+      membership: membershipOf(record),
+      regionSizeBytes: spec.regionSizeBytes,
       transport: {
         sendToPeer: (peer, message) => this.links.get(peer)?.send(message) ?? false,
         answerSource: (source, message) => this.listener.connectionFor(source)?.send(message) ?? false,
@@ -151,14 +164,41 @@ export class NodeReplication {
       for (const [peer, message] of early) volume.receive(peer, message);
     }
     for (const peer of record.replicas) if (this.listener.connectionFor(peer)) volume.inboundUp(peer);
+    if (coordinator) {
+      this.recordWatches.set(spec.name, coordinator.watchVolumeRecord(spec.name, (next) => {
+        if (next && this.volumes.get(spec.name) === volume) volume.changeMembership(membershipOf(next));
+      }));
+      void this.rejoin(coordinator, spec.name, record);
+    }
     return volume;
+  }
+
+  /** The epoch bump of openVolume. A failed CAS means a newer epoch exists already: as good. */
+  private async rejoin(coordinator: Coordinator, name: string, record: VolumeRecord): Promise<void> {
+    const next: VolumeRecord = { ...record, epoch: record.epoch + 1, updatedAtMs: Date.now() };
+    try {
+      const result = await coordinator.casVolumeRecord(name, record.epoch, next);
+      this.logger.info(result.ok ? 'rejoined the volume at a new epoch' : 'volume moved to a newer epoch meanwhile', { volume: name, epoch: next.epoch });
+    } catch (error) {
+      // The outcome is unknown; the record watch delivers whatever happened.
+      this.logger.warn('could not move the volume to a new epoch after opening it', { volume: name, error: String(error) });
+    }
   }
 
   async closeVolume(name: string): Promise<void> {
     const volume = this.volumes.get(name);
     if (!volume) return;
     this.volumes.delete(name);
+    this.recordWatches.get(name)?.();
+    this.recordWatches.delete(name);
     await volume.close();
+  }
+
+  /** The newest epoch among this node's replicated volumes (0: none). */
+  get highestEpoch(): number {
+    let epoch = 0;
+    for (const volume of this.volumes.values()) epoch = Math.max(epoch, volume.epoch);
+    return epoch;
   }
 
   /** The bound peer endpoint (after listen; port 0 picks a free one). */

@@ -103,6 +103,24 @@ export class Arbiter {
     return this.epochValue;
   }
 
+  /**
+   * The whole table in one figure set (for /v1/status, O(regions touched this epoch)): how
+   * many regions each node holds, how many regions have a queue, how many requesters wait,
+   * and the members whose DRAINED the epoch fence still waits for.
+   */
+  summary(): { regionsHeld: Record<NodeId, number>; regionsContended: number; waiters: number; awaitingDrained: NodeId[] } {
+    const regionsHeld: Record<NodeId, number> = {};
+    let regionsContended = 0;
+    let waiters = 0;
+    for (const entry of this.regions.values()) {
+      if (entry.holder !== undefined) regionsHeld[entry.holder] = (regionsHeld[entry.holder] ?? 0) + 1;
+      if (entry.waiters.length > 0) regionsContended++;
+      waiters += entry.waiters.length;
+    }
+    const awaitingDrained = this.members === undefined ? [] : this.members.filter((member) => !this.drained.has(member));
+    return { regionsHeld, regionsContended, waiters, awaitingDrained };
+  }
+
   /** The holder and generation of a region (for status pages and tests). */
   region(region: number): { holder: NodeId | undefined; generation: number; waiters: readonly NodeId[] } {
     const entry = this.regions.get(region);

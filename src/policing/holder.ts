@@ -146,6 +146,12 @@ export class Holder {
   get writesAdmitted(): number {
     return this.admittedCount;
   }
+  /** Regions whose grant this node holds now (O(regions touched): for status pages). */
+  get regionsHeld(): number {
+    let held = 0;
+    for (const state of this.regions.values()) if (state.granted) held++;
+    return held;
+  }
   get changingEpoch(): boolean {
     return this.nextEpoch !== undefined;
   }

@@ -1,8 +1,9 @@
 // A replicated volume on one node (docs/replication.md, issue 3): the BlockDevice that the NBD
 // server sees, over a ReplicaStore (one image, this node's WAL, one container per remote
 // source), a ReplicationSource for this node's client writes, one ReplicationTarget per other
-// replica, and the grant protocol with ONE region (single-writer mode: the grant for the whole
-// volume moves between nodes). This file is the I/O shell of those pure state machines: it
+// replica, and the grant protocol over regions of `regionSizeBytes` (issue 4: writers on
+// different nodes proceed in parallel on different regions; one region covering the whole
+// volume is single-writer mode). This file is the I/O shell of those pure state machines: it
 // performs their effects in order and feeds them link news and time. Sockets are not here: a
 // ReplicaTransport (the node's peer links, or an in-memory loop in tests) carries the frames.
 //
@@ -14,11 +15,24 @@
 // follows, on the same TCP connection, the handshake that made the source forget the peer's
 // position: the source is repositioned by exactly the ACK that answers its link-up.
 //
-// Life of a client write: holder.acquire -> 'admit' -> source.write -> 'appendLocal'
+// Life of a client write: split at WRITE_REGIONS_MAX regions -> holder.acquire(its regions) -> 'admit' -> source.write -> 'appendLocal'
 // (store.writeLocal, called synchronously in effect order so the store's own sequence equals
 // the source's) and 'send' WRITE to every in-sync member -> 'complete' once applied locally
 // and ACKed by all -> the client is answered and holder.writeAcknowledged releases its hold.
 // FLUSH and FUA: SYNC on every member plus the local WAL sync (the source's rules, I1).
+//
+// Grant transfer waits for durability, not just receipt (the crash-ordering fix of
+// docs/replication.md): a RELEASE goes to the arbiter only after a SYNC that covers the
+// released writes completed on every member. Otherwise a member that crashes may lose this
+// node's unspilled entry U (acknowledged on receipt) while keeping the next holder's later
+// overlapping entry L in its container; U, resent after the restart, would land after L
+// there and before L everywhere else (I4). Policing messages queued behind such a RELEASE
+// wait with it, so the arbiter sees them in the order the holder produced them.
+//
+// Epoch changes (changeMembership, issue 5): the source drops members that left (their ACKs
+// no longer hold writes back), targets re-announce their positions at the new epoch, the
+// holder drains and drops every grant, and the new epoch's arbiter (which may be another
+// node) grants nothing until every member said DRAINED (the epoch fence).
 //
 // Reads come from the local store, which waits for every overlapping entry registered before
 // the read (an entry acknowledged on receipt may already be acknowledged to a client). That
@@ -29,6 +43,7 @@ import { ENTRY_TYPE } from '../journal/entry.js';
 import { Arbiter, type ArbiterEffect } from '../policing/arbiter.js';
 import { Holder, type HolderEffect } from '../policing/holder.js';
 import { fromWireGrantMessage, policingRecipient, toWireGrantMessage, type PolicingMessage } from '../policing/messages.js';
+import { regionCount, regionsOf, validateRegionSize } from '../policing/regions.js';
 import { WRITE_PAYLOAD_MAX_BYTES, type GrantMessage, type WireEntryType } from '../replication/codec.js';
 import { ReplicationSource, type OperationResult, type SourceEffect, type SourceLimits } from '../replication/engine/source.js';
 import { ReplicationTarget, type TargetEffect } from '../replication/engine/target.js';
@@ -49,6 +64,15 @@ const GRANT_RESEND_INTERVAL_MS = 500;
 const DEFAULT_CHECKPOINT_INTERVAL_MS = 30_000;
 /** Attempts to get a store checkpoint that covers a requested sequence (one may be under way). */
 const CHECKPOINT_COVER_ATTEMPTS_MAX = 4;
+/**
+ * Regions one admitted write may span: longer client requests (large zeroes and trims, or
+ * 32 MiB writes over small regions) are split at region boundaries into pieces of at most this
+ * many regions, each acquired and mirrored on its own. Bounds the arbiter round trips a single
+ * piece waits for (regions are taken one after another, in ascending order).
+ */
+export const WRITE_REGIONS_MAX = 256;
+/** Region size when none is given: the whole volume is one region (single-writer mode). */
+const SINGLE_REGION = 0;
 
 /** The coordinator's record for the volume, as this node opened it. */
 export interface ReplicaMembership {
@@ -57,6 +81,11 @@ export interface ReplicaMembership {
   inSync: readonly string[];
   /** The node arbitrating write priority (default: the first in-sync member). */
   arbiter?: string;
+}
+
+/** The arbiter of an epoch: the record's, else the first in-sync member (docs/replication.md). */
+export function arbiterOf(membership: ReplicaMembership): string {
+  return membership.arbiter ?? membership.inSync[0]!;
 }
 
 /** How frames leave this node (see the header for which connection carries what). */
@@ -78,6 +107,11 @@ export interface ReplicatedVolumeOptions {
   /** This node's id. */
   self: string;
   membership: ReplicaMembership;
+  /**
+   * Write-priority granularity (a power of two of at least 4096). Omitted or at least the volume
+   * size: one region (single-writer mode).
+   */
+  regionSizeBytes?: number;
   transport: ReplicaTransport;
   logger: Logger;
   sourceLimits?: Partial<SourceLimits>;
@@ -96,19 +130,31 @@ interface PendingOperation {
   write?: { entryType: WireEntryType; offset: number; lengthBytes: number; payload: Buffer; fua: boolean };
 }
 
+/** A policing message produced while a RELEASE ahead of it waits for its durability sync. */
+interface HeldPolicingMessage {
+  target: string;
+  message: PolicingMessage;
+  recipientRole: 'holder' | 'arbiter';
+  /** A RELEASE: may go once a sync started after it completed. */
+  isRelease: boolean;
+}
+
 export class ReplicatedVolume implements BlockDevice {
   readonly name: string;
   readonly description: string;
   readonly self: string;
   private readonly sizeBytes: number;
-  private readonly membership: ReplicaMembership;
-  private readonly arbiterNode: string;
+  private membership: ReplicaMembership;
+  private arbiterNode: string;
+  /** Write-priority granularity; equal to the volume size (rounded up) in single-writer mode. */
+  private readonly regionSizeBytes: number;
+  private readonly regionCount: number;
   private readonly peers: readonly string[];
   private readonly store: ReplicaStore;
   private readonly source: ReplicationSource;
   private readonly targets = new Map<string, ReplicationTarget>();
   private readonly holder: Holder;
-  private readonly arbiter: Arbiter | undefined;
+  private arbiter: Arbiter | undefined;
   private readonly transport: ReplicaTransport;
   private readonly logger: Logger;
   private readonly pending = new Map<number, PendingOperation>();
@@ -117,8 +163,15 @@ export class ReplicatedVolume implements BlockDevice {
   private lastCheckpointMs = 0;
   private checkpointedStamp = 0;
   private failure: MirrorsanError | undefined;
+  /** Set while this node may not serve I/O (out of the in-sync set, or its lease is lost). */
+  private fence: string | undefined;
   private closed = false;
-  private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0 };
+  /** Policing messages waiting behind a RELEASE for its durability sync (see the header). */
+  private readonly heldPolicing: HeldPolicingMessage[] = [];
+  /** RELEASEs in heldPolicing[0..releaseSyncCovers) go once the running sync completes. */
+  private releaseSyncCovers = 0;
+  private releaseSyncRunning = false;
+  private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0, releaseSyncs: 0, epochChanges: 0 };
 
   private constructor(options: ReplicatedVolumeOptions, store: ReplicaStore, targets: Map<string, ReplicationTarget>) {
     const { membership } = options;
@@ -127,7 +180,12 @@ export class ReplicatedVolume implements BlockDevice {
     this.self = options.self;
     this.sizeBytes = options.sizeBytes;
     this.membership = { ...membership, replicas: [...membership.replicas], inSync: [...membership.inSync] };
-    this.arbiterNode = membership.arbiter ?? membership.inSync[0]!;
+    this.arbiterNode = arbiterOf(membership);
+    const regionSize = options.regionSizeBytes ?? SINGLE_REGION;
+    if (regionSize !== SINGLE_REGION) validateRegionSize(regionSize);
+    // Single-writer mode: one region as large as the volume, rounded up to a power of two.
+    this.regionSizeBytes = regionSize === SINGLE_REGION || regionSize >= options.sizeBytes ? 2 ** Math.ceil(Math.log2(Math.max(4096, options.sizeBytes))) : regionSize;
+    this.regionCount = regionCount(options.sizeBytes, this.regionSizeBytes);
     this.peers = membership.replicas.filter((node) => node !== options.self);
     this.store = store;
     this.targets = targets;
@@ -142,23 +200,34 @@ export class ReplicatedVolume implements BlockDevice {
       lastSequence: store.recovery.ownSequence,
       ...(options.sourceLimits ? { limits: options.sourceLimits } : {}),
     });
-    // Single-writer mode: one region covers the whole volume (issue 3, item 7).
     this.holder = new Holder({
       volume: options.name,
       epoch: membership.epoch,
       self: options.self,
       arbiter: this.arbiterNode,
-      regionCount: 1,
+      regionCount: this.regionCount,
       waitingWritesMax: WAITING_WRITES_MAX,
       grantHoldMaxMs: GRANT_HOLD_MAX_MS,
       resendIntervalMs: GRANT_RESEND_INTERVAL_MS,
     });
-    // No epoch fence (members omitted): this version never changes the epoch, and every node
-    // starts with no write in flight, so there is no older epoch whose writes could overlap.
-    this.arbiter = this.arbiterNode === options.self
-      ? new Arbiter({ volume: options.name, epoch: membership.epoch, regionCount: 1, waitersPerRegionMax: Math.max(1, membership.replicas.length), grantHoldMaxMs: GRANT_HOLD_MAX_MS })
-      : undefined;
+    // The epoch fence (members given): the arbiter grants nothing until every in-sync member
+    // said DRAINED for this epoch, so a holder that still caches a grant from before this
+    // node's restart cannot overlap a new grant (every holder announces DRAINED at its start
+    // and after each epoch change).
+    this.arbiter = this.arbiterNode === options.self ? this.newArbiter(membership) : undefined;
+    if (!membership.inSync.includes(options.self)) this.fence = `${options.self} is not in the in-sync set of epoch ${membership.epoch}`;
     this.runSource(this.source.setMembership(membership.epoch, membership.inSync));
+  }
+
+  private newArbiter(membership: ReplicaMembership): Arbiter {
+    return new Arbiter({
+      volume: this.name,
+      epoch: membership.epoch,
+      regionCount: this.regionCount,
+      waitersPerRegionMax: Math.max(1, membership.replicas.length),
+      grantHoldMaxMs: GRANT_HOLD_MAX_MS,
+      members: membership.inSync,
+    });
   }
 
   /** Opens (creating if new) the store in `dir` and replays it; the volume then takes frames and writes. */
@@ -185,6 +254,57 @@ export class ReplicatedVolume implements BlockDevice {
 
   get epoch(): number {
     return this.membership.epoch;
+  }
+
+  /** The record this volume runs under (the newest it adopted). */
+  get currentMembership(): ReplicaMembership {
+    return { ...this.membership, replicas: [...this.membership.replicas], inSync: [...this.membership.inSync] };
+  }
+
+  /**
+   * Adopts a newer record from the coordinator (an epoch change; older or equal epochs are
+   * ignored). Members that left stop holding writes back; members that stay re-announce their
+   * positions; every grant is dropped once this node's admitted writes are acknowledged, and
+   * the new arbiter starts fenced. Replicas may not change here (adding a replica opens its
+   * source container: not supported on a running volume yet).
+   */
+  changeMembership(next: ReplicaMembership): void {
+    if (this.closed || next.epoch <= this.membership.epoch) return;
+    assert(next.inSync.length > 0 && next.inSync.every((node) => next.replicas.includes(node)), `volume ${this.name}: inSync must be a non-empty subset of replicas`);
+    const sameReplicas = next.replicas.length === this.membership.replicas.length && next.replicas.every((node) => this.membership.replicas.includes(node));
+    if (!sameReplicas) {
+      this.logger.error('replica set changed on a running volume; restart the node to adopt it', { epoch: next.epoch, replicas: next.replicas.join(',') });
+    }
+    const previous = this.membership;
+    this.membership = { ...next, replicas: [...previous.replicas], inSync: next.inSync.filter((node) => previous.replicas.includes(node)) };
+    this.arbiterNode = arbiterOf(this.membership);
+    this.counters.epochChanges++;
+    this.logger.info('epoch changed', { epoch: next.epoch, inSync: this.membership.inSync.join(','), arbiter: this.arbiterNode, previousEpoch: previous.epoch });
+    this.fence = this.membership.inSync.includes(this.self) ? undefined : `${this.self} is not in the in-sync set of epoch ${next.epoch}`;
+    this.runSource(this.source.setMembership(next.epoch, this.membership.inSync));
+    for (const [peer, target] of this.targets) this.runTarget(peer, target.setEpoch(next.epoch));
+    // Messages held behind a RELEASE belong to the old epoch: the new arbiter starts afresh.
+    this.heldPolicing.length = 0;
+    this.releaseSyncCovers = 0;
+    if (this.arbiterNode === this.self) {
+      if (this.arbiter) this.arbiter.reset(next.epoch, this.membership.inSync);
+      else this.arbiter = this.newArbiter(this.membership);
+    } else {
+      this.arbiter = undefined;
+    }
+    this.runHolder(this.holder.changeEpoch(next.epoch, this.arbiterNode));
+  }
+
+  /**
+   * Stops (reason given) or resumes (undefined) serving I/O here: a node whose lease is lost or
+   * that cannot reach its peers may hold stale data (I2, I3). Operations already pending go on.
+   */
+  setFence(reason: string | undefined): void {
+    if (reason === this.fence) return;
+    if (reason === undefined && !this.membership.inSync.includes(this.self)) return;
+    this.fence = reason;
+    if (reason) this.logger.warn('volume fenced: refusing I/O on this node', { reason });
+    else this.logger.info('volume unfenced: serving I/O again');
   }
 
   /** Whether `peer` is one of this volume's other replicas (frames from others are dropped). */
@@ -326,7 +446,6 @@ export class ReplicatedVolume implements BlockDevice {
   // ---- inspection --------------------------------------------------------------------------
 
   status(): object {
-    const grant = this.holder.grantOf(0);
     const store = this.store.stats();
     const peers: Record<string, object | undefined> = {};
     for (const peer of this.peers) peers[peer] = this.source.peer(peer);
@@ -349,14 +468,19 @@ export class ReplicatedVolume implements BlockDevice {
       replicas: [...this.membership.replicas],
       inSync: [...this.membership.inSync],
       arbiter: this.arbiterNode,
-      grant: {
-        heldHere: grant.held,
-        generation: grant.generation,
-        revoking: grant.revoking,
-        // Only the arbiter knows who holds it; elsewhere: this node, or unknown.
-        holder: this.arbiter ? (this.arbiter.region(0).holder ?? null) : grant.held ? this.self : null,
+      fence: this.fence ?? null,
+      policing: {
+        mode: this.regionCount === 1 ? 'single-writer' : 'regions',
+        regionSizeBytes: this.regionSizeBytes,
+        regionCount: this.regionCount,
+        // This node as a holder: grants cached here and the writes queued for grants.
+        regionsHeldHere: this.holder.regionsHeld,
         waitingWrites: this.holder.writesWaiting,
         admittedWrites: this.holder.writesAdmitted,
+        changingEpoch: this.holder.changingEpoch,
+        policingMessagesHeldForSync: this.heldPolicing.length,
+        // Only the arbiter knows every holder and queue.
+        arbiter: this.arbiter ? this.arbiter.summary() : null,
       },
       source: {
         lastSequence: this.source.lastSequence,
@@ -394,10 +518,23 @@ export class ReplicatedVolume implements BlockDevice {
   private submitWrite(entryType: WireEntryType, offset: number, lengthBytes: number, payload: Buffer, fua: boolean): Promise<void> {
     this.checkUsable();
     this.counters.writes++;
+    const pieceBytesMax = WRITE_REGIONS_MAX * this.regionSizeBytes;
+    const firstPieceEnd = Math.min(offset + lengthBytes, (Math.floor(offset / pieceBytesMax) + 1) * pieceBytesMax);
+    if (firstPieceEnd === offset + lengthBytes) return this.submitPiece(entryType, offset, lengthBytes, payload, fua);
+    // Longer than WRITE_REGIONS_MAX regions: pieces cut at multiples of pieceBytesMax.
+    const pieces: Promise<void>[] = [];
+    for (let start = offset, end = firstPieceEnd; start < offset + lengthBytes; start = end, end = Math.min(offset + lengthBytes, end + pieceBytesMax)) {
+      const piecePayload = entryType === ENTRY_TYPE.WRITE ? payload.subarray(start - offset, end - offset) : payload;
+      pieces.push(this.submitPiece(entryType, start, end - start, piecePayload, fua));
+    }
+    return Promise.all(pieces).then(() => undefined);
+  }
+
+  private submitPiece(entryType: WireEntryType, offset: number, lengthBytes: number, payload: Buffer, fua: boolean): Promise<void> {
     const operationId = this.nextOperationId++;
     const done = this.track(operationId, true);
     this.pending.get(operationId)!.write = { entryType, offset, lengthBytes, payload, fua };
-    this.runHolder(this.holder.acquire(operationId, [0]));
+    this.runHolder(this.holder.acquire(operationId, regionsOf(offset, lengthBytes, this.regionSizeBytes, WRITE_REGIONS_MAX)));
     return done;
   }
 
@@ -541,7 +678,47 @@ export class ReplicatedVolume implements BlockDevice {
     this.runHolder(this.holder.receive(peer, message));
   }
 
+  /**
+   * The holder's and arbiter's messages leave through here. A RELEASE (and whatever follows
+   * it) waits for a sync started after it: the released writes must be durable on every
+   * member before another node may write over them (see the header).
+   */
   private sendPolicing(target: string, message: PolicingMessage, recipientRole: 'holder' | 'arbiter'): void {
+    const isRelease = message.type === 'RELEASE';
+    if (!isRelease && this.heldPolicing.length === 0) {
+      this.deliverPolicing(target, message, recipientRole);
+      return;
+    }
+    this.heldPolicing.push({ target, message, recipientRole, isRelease });
+    this.startReleaseSync();
+  }
+
+  private startReleaseSync(): void {
+    if (this.releaseSyncRunning || this.heldPolicing.length === 0 || this.closed) return;
+    this.releaseSyncRunning = true;
+    this.releaseSyncCovers = this.heldPolicing.length;
+    this.counters.releaseSyncs++;
+    const epoch = this.membership.epoch;
+    const operationId = this.nextOperationId++;
+    const done = this.track(operationId, false);
+    this.runSource(this.source.flush(operationId));
+    const finished = (error?: unknown): void => {
+      this.releaseSyncRunning = false;
+      if (this.closed) return;
+      if (error) this.logger.warn('sync before a grant release failed; releasing anyway', { error: error instanceof Error ? error.message : String(error) });
+      // An epoch change in between emptied the queue: what is there now is newer.
+      const covered = epoch === this.membership.epoch ? this.releaseSyncCovers : 0;
+      this.releaseSyncCovers = 0;
+      // Send what the sync covered, and what follows it up to the next uncovered RELEASE.
+      let index = 0;
+      while (index < this.heldPolicing.length && (index < covered || !this.heldPolicing[index]!.isRelease)) index++;
+      for (const held of this.heldPolicing.splice(0, index)) this.deliverPolicing(held.target, held.message, held.recipientRole);
+      this.startReleaseSync();
+    };
+    done.then(() => finished(), finished);
+  }
+
+  private deliverPolicing(target: string, message: PolicingMessage, recipientRole: 'holder' | 'arbiter'): void {
     if (target === this.self) {
       // Between this node's own holder and arbiter: delivered as a later event, in order,
       // never re-entrantly inside the machine that produced it.
@@ -626,5 +803,6 @@ export class ReplicatedVolume implements BlockDevice {
   private checkUsable(): void {
     if (this.closed) throw new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`);
     if (this.failure) throw this.failure;
+    if (this.fence) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${this.fence}`);
   }
 }
