@@ -1,8 +1,4 @@
-// Proves the replicated volume's shell over real stores: three replicas joined by an in-memory
-// transport; a write through any node is readable through every other once acknowledged, the
-// single-region grant moves between writers, FLUSH/FUA/ZERO/TRIM travel, a write waits while a
-// member is unreachable and completes after the link comes back, and after close the three
-// stores reopen with identical contents.
+// Proves the replicated volume's shell over real stores: three replicas joined by an in-memory transport; a write through any node is readable through every other once acknowledged, the single-region grant moves between writers (each release after a durability sync), writers on disjoint regions never exchange grants, requests spanning many regions are split and stay consistent, FLUSH/FUA/ZERO/TRIM travel, a write waits while a member is unreachable and completes after the link comes back or after an epoch change removes the member (which then refuses I/O), and after close the three stores reopen with identical contents.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -73,7 +69,7 @@ function pairKey(from: string, to: string): string {
   return `${from}>${to}`;
 }
 
-async function openCluster(root: string): Promise<Loop> {
+async function openCluster(root: string, regionSizeBytes?: number): Promise<Loop> {
   const loop = new Loop();
   const logger = createLogger({ level: 'error' });
   for (const self of NODES) {
@@ -86,6 +82,7 @@ async function openCluster(root: string): Promise<Loop> {
       transport: loop.transport(self),
       logger: logger.child(self),
       sourceLimits: { checkpointIntervalMs: 200 },
+      ...(regionSizeBytes ? { regionSizeBytes } : {}),
     });
     loop.volumes.set(self, volume);
   }
@@ -96,6 +93,12 @@ async function openCluster(root: string): Promise<Loop> {
 async function readBytes(volume: ReplicatedVolume, offset: number, length: number): Promise<Buffer> {
   const pieces = await volume.read(offset, length);
   return Buffer.concat(pieces.map((piece) => (piece.kind === 'data' ? piece.data : Buffer.alloc(piece.length))));
+}
+
+interface PolicingStatus {
+  policing: { mode: string; regionsHeldHere: number; arbiter: { regionsHeld: Record<string, number>; awaitingDrained: string[] } | null };
+  counters: { releaseSyncs: number; grantsReceived: number };
+  fence: string | null;
 }
 
 function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
@@ -124,8 +127,12 @@ test('a write through any replica is read back through every other; the grant mo
       assert.equal(bytes[8191], 0xb2);
       assert.equal(bytes[8192], 0xa1);
     }
-    const n2 = v('n2').status() as { grant: { heldHere: boolean } };
-    assert.equal(n2.grant.heldHere, true, 'n2 holds the grant after its write');
+    const n2 = v('n2').status() as PolicingStatus;
+    assert.equal(n2.policing.mode, 'single-writer');
+    assert.equal(n2.policing.regionsHeldHere, 1, 'n2 holds the grant after its write');
+    const n1 = v('n1').status() as PolicingStatus;
+    assert.ok(n1.counters.releaseSyncs >= 1, 'n1 synced its writes before releasing the grant');
+    assert.deepEqual(n1.policing.arbiter?.regionsHeld, { n2: 1 });
 
     // Back to n1, with ZERO and TRIM, then a FLUSH on n3 (which wrote nothing) and on n1.
     await withTimeout(v('n1').writeZeroes(0, 4096, { fua: false, mayTrim: false, fastZero: false }), 5000, 'zero through n1');
@@ -181,6 +188,111 @@ test('[I1] a write waits while a member is unreachable and completes once the li
     await withTimeout(pending, 5000, 'write after heal');
     const bytes = await readBytes(v('n3'), 4096, 4096);
     assert.equal(bytes[0], 2);
+  } finally {
+    await loop.close();
+  }
+});
+
+test('writers on disjoint regions never exchange grants; overlapping ones do, and every replica agrees', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const regionBytes = 64 * 1024;
+  const loop = await openCluster(root, regionBytes);
+  const v = (id: string) => loop.volumes.get(id)!;
+  const status = (id: string) => v(id).status() as PolicingStatus;
+  try {
+    // n1 writes regions 0..7, n2 regions 8..15, n3 regions 16..23, all at once.
+    const writes: Promise<void>[] = [];
+    for (const [index, id] of NODES.entries()) {
+      for (let i = 0; i < 32; i++) {
+        const region = index * 8 + (i % 8);
+        writes.push(v(id).write(region * regionBytes + (i % 4) * 4096, Buffer.alloc(4096, index * 32 + i + 1), { fua: false }));
+      }
+    }
+    await withTimeout(Promise.all(writes), 10_000, 'disjoint writes');
+    for (const id of NODES) {
+      assert.equal(status(id).counters.releaseSyncs, 0, `${id} never gave a grant back`);
+      assert.equal(status(id).policing.regionsHeldHere, 8, `${id} holds its 8 regions`);
+    }
+    assert.deepEqual(status('n1').policing.arbiter?.regionsHeld, { n1: 8, n2: 8, n3: 8 });
+    assert.equal(status('n2').policing.arbiter, null, 'only the arbiter has the table');
+
+    // Everyone writes the same region 3 (held by n1): grants move, each after a sync.
+    const contended: Promise<void>[] = [];
+    for (let i = 0; i < 30; i++) contended.push(v(NODES[i % 3]!).write(3 * regionBytes + (i % 2) * 4096, Buffer.alloc(8192, 200 + i), { fua: false }));
+    await withTimeout(Promise.all(contended), 10_000, 'contended writes');
+    const releases = NODES.reduce((sum, id) => sum + status(id).counters.releaseSyncs, 0);
+    assert.ok(releases >= 1, 'the contended region changed hands');
+
+    // A zero spanning every region of the volume (64 regions, under the split limit) and a
+    // 1 MiB write straddling region boundaries at an odd offset.
+    await withTimeout(v('n3').writeZeroes(0, SIZE_BYTES, { fua: false, mayTrim: false, fastZero: false }), 10_000, 'zero of the whole volume');
+    const straddling = Buffer.alloc(1024 * 1024);
+    for (let i = 0; i < straddling.length; i += 512) straddling.fill(i / 512, i, i + 512);
+    await withTimeout(v('n2').write(regionBytes - 512, straddling, { fua: true }), 10_000, 'straddling write');
+    const reference = await readBytes(v('n1'), 0, SIZE_BYTES);
+    assert.deepEqual(reference.subarray(regionBytes - 512, regionBytes - 512 + straddling.length), straddling);
+    for (const id of ['n2', 'n3']) assert.deepEqual(await readBytes(v(id), 0, SIZE_BYTES), reference, `${id} equals n1`);
+  } finally {
+    await loop.close();
+  }
+});
+
+test('a request spanning more regions than one piece may take is split, and lands whole everywhere', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  // 4 KiB regions: the 4 MiB volume has 1024 of them, four times WRITE_REGIONS_MAX.
+  const loop = await openCluster(root, 4096);
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    const data = Buffer.alloc(3 * 1024 * 1024 + 4096);
+    for (let i = 0; i < data.length; i += 4096) data.fill((i / 4096) % 251, i, i + 4096);
+    await withTimeout(v('n1').write(4096, data, { fua: false }), 10_000, '3 MiB write over 769 regions');
+    await withTimeout(v('n2').trim(512 * 1024, 2 * 1024 * 1024, { fua: true }), 10_000, 'trim over 512 regions');
+    const reference = await readBytes(v('n3'), 0, SIZE_BYTES);
+    const expected = Buffer.alloc(SIZE_BYTES);
+    data.copy(expected, 4096);
+    expected.fill(0, 512 * 1024, 512 * 1024 + 2 * 1024 * 1024);
+    assert.deepEqual(reference, expected);
+    for (const id of ['n1', 'n2']) assert.deepEqual(await readBytes(v(id), 0, SIZE_BYTES), reference, `${id} equals n3`);
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[I1, I2] an epoch change that removes an unreachable member completes the writes that waited for it; the removed member refuses I/O', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const loop = await openCluster(root, 64 * 1024);
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(4096, 1), { fua: false }), 5000, 'first write');
+    await withTimeout(v('n2').write(1024 * 1024, Buffer.alloc(4096, 7), { fua: false }), 5000, 'n2 takes another region');
+    loop.sever('n1', 'n3');
+    loop.sever('n2', 'n3');
+    let done = false;
+    const pending = v('n1').write(4096, Buffer.alloc(4096, 2), { fua: true }).then(() => (done = true));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.equal(done, false, 'not acknowledged without n3');
+
+    // n3 is removed at epoch 2; n2 becomes the arbiter.
+    const next = { epoch: 2, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n2' };
+    for (const id of NODES) v(id).changeMembership(next);
+    await withTimeout(pending, 5000, 'the waiting write after the epoch change');
+    assert.equal(v('n1').epoch, 2);
+    await assert.rejects(v('n3').read(0, 4096), /not in the in-sync set/);
+    assert.throws(() => v('n3').write(0, Buffer.alloc(4096), { fua: false }), /not in the in-sync set/);
+
+    // The new arbiter (n2) is fenced until n1 and n2 drained, then grants: both write again,
+    // the same region, and agree.
+    await withTimeout(Promise.all([v('n1').write(0, Buffer.alloc(4096, 3), { fua: false }), v('n2').write(8192, Buffer.alloc(4096, 4), { fua: true })]), 5000, 'writes in epoch 2');
+    await withTimeout(v('n2').write(0, Buffer.alloc(4096, 5), { fua: false }), 5000, 'n2 takes region 0 from n1');
+    const n2 = v('n2').status() as PolicingStatus;
+    assert.deepEqual(n2.policing.arbiter?.awaitingDrained, []);
+    for (const id of ['n1', 'n2']) {
+      const bytes = await readBytes(v(id), 0, 3 * 4096);
+      assert.deepEqual([bytes[0], bytes[4096], bytes[8192]], [5, 2, 4], `${id} holds the epoch-2 writes`);
+    }
   } finally {
     await loop.close();
   }
