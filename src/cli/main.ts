@@ -38,6 +38,7 @@ program
   .option('--tls-key <file>', 'PEM private key for NBD STARTTLS')
   .option('--tls-required', 'refuse clients that do not use TLS')
   .option('--coordinator <url>', 'embedded:///dir or etcd://host:port (default: embedded in DIR/coordinator)')
+  .option('--region-size <size>', 'write-priority region size (power of two, at least 4KiB), or "single" for one writer at a time', '1MiB')
   .option('--json', 'print one JSON line describing the nodes when ready')
   .action((options) => runUpCommand(options).catch(reportAndExit));
 
@@ -61,6 +62,7 @@ coordinatorOptions(
     .option('--replicas <count>', 'replicas (nodes holding a copy)', '1')
     .option('--mode <mode>', 'replication mode: sync or async', 'sync')
     .option('--strict', 'refuse writes while a replica is missing')
+    .option('--region-size <size>', 'write-priority region size (power of two, at least 4KiB), or "single" for one writer at a time', '1MiB')
     .option('--json', 'print the created spec as JSON'),
 ).action((name: string, options) => runVolumeCreate(name, options).catch(reportAndExit));
 coordinatorOptions(volume.command('list').description('List volumes.').option('--json', 'print JSON')).action((options) =>

@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { MirrorsanError } from '../errors.js';
 import { createCoordinator } from '../cluster/index.js';
 import { portsForNode, validateVolumeName, validateVolumeSize } from '../node/config.js';
-import { defaultVolumeSpec, embeddedCoordinatorUrl } from './volume-command.js';
+import { defaultVolumeSpec, embeddedCoordinatorUrl, parseRegionSize } from './volume-command.js';
 import type { NodeReadyInfo } from '../node/node.js';
 import { createLogger } from '../util/log.js';
 import { parseSize } from '../util/size.js';
@@ -27,6 +27,8 @@ export interface UpOptions {
   tlsKey?: string;
   tlsRequired?: boolean;
   coordinator?: string;
+  /** Write-priority region size, or `single` (volume-command.ts parseRegionSize). */
+  regionSize?: string;
   json?: boolean;
 }
 
@@ -92,7 +94,7 @@ function writeNodeConfig(options: UpOptions, dir: string, index: number, coordin
  * nodes every one holds a replica: the spec says so, and the record starts at epoch 1 with all
  * of them in sync and n1 arbitrating write priority.
  */
-async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes: number, nodeIds: readonly string[]): Promise<void> {
+async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes: number, regionSizeBytes: number, nodeIds: readonly string[]): Promise<void> {
   const coordinator = await createCoordinator(coordinatorUrl, { logger: createLogger({ component: 'coordinator', level: 'warn' }) });
   try {
     const existing = await coordinator.getVolumeSpec(name);
@@ -105,7 +107,7 @@ async function ensureVolumeSpec(coordinatorUrl: string, name: string, sizeBytes:
     if (existing && existing.replicas !== nodeIds.length) {
       throw new MirrorsanError('CONFIG_INVALID', `volume ${name} already has ${existing.replicas} replicas; changing that is not supported yet (asked for ${nodeIds.length} nodes)`);
     }
-    if (!existing) await coordinator.putVolumeSpec({ ...defaultVolumeSpec(name, sizeBytes), replicas: nodeIds.length }, { createOnly: true });
+    if (!existing) await coordinator.putVolumeSpec({ ...defaultVolumeSpec(name, sizeBytes), replicas: nodeIds.length, regionSizeBytes }, { createOnly: true });
     if (nodeIds.length > 1 && !(await coordinator.getVolumeRecord(name))) {
       const result = await coordinator.casVolumeRecord(name, null, { epoch: 1, replicas: [...nodeIds], inSync: [...nodeIds], arbiter: nodeIds[0]!, updatedAtMs: Date.now() });
       if (!result.ok && !result.current) throw new MirrorsanError('COORD_UNAVAILABLE', `could not create the volume record of ${name}`);
@@ -160,7 +162,8 @@ export async function runUpCommand(options: UpOptions): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
   const coordinatorUrl = options.coordinator ?? embeddedCoordinatorUrl(dir);
   const nodeIds = Array.from({ length: nodeCount }, (_, index) => `n${index + 1}`);
-  await ensureVolumeSpec(coordinatorUrl, options.volume, sizeBytes, nodeIds);
+  const regionSizeBytes = parseRegionSize(options.regionSize, sizeBytes);
+  await ensureVolumeSpec(coordinatorUrl, options.volume, sizeBytes, regionSizeBytes, nodeIds);
   const clusterSecretFile = nodeCount > 1 ? ensureClusterSecret(dir) : null;
 
   const configPaths = Array.from({ length: nodeCount }, (_, index) => writeNodeConfig(options, dir, index, coordinatorUrl, clusterSecretFile));

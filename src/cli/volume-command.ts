@@ -5,11 +5,29 @@ import path from 'node:path';
 import { createCoordinator, type Coordinator, type ReplicationMode, type VolumeSpec } from '../cluster/index.js';
 import { MirrorsanError } from '../errors.js';
 import { validateVolumeName, validateVolumeSize } from '../node/config.js';
+import { validateRegionSize } from '../policing/regions.js';
 import { createLogger } from '../util/log.js';
 import { formatSize, parseSize } from '../util/size.js';
 
-/** Region size until the policing issue measures a better default. */
+/**
+ * Write-priority region size when none is given (bench/RESULTS.md, "Region size"): large enough
+ * that a writer streaming through a volume asks the arbiter once per MiB, small enough that
+ * writers on different parts of a volume (VMs' disks, a file system's allocation groups) rarely
+ * share a region.
+ */
 export const DEFAULT_REGION_SIZE_BYTES = 1024 * 1024;
+
+/**
+ * `--region-size`: a size (a power of two of at least 4 KiB), or `single` for single-writer
+ * mode (one region as large as the volume, rounded up to a power of two).
+ */
+export function parseRegionSize(text: string | undefined, volumeSizeBytes: number): number {
+  if (text === undefined) return DEFAULT_REGION_SIZE_BYTES;
+  if (text === 'single') return 2 ** Math.ceil(Math.log2(Math.max(4096, volumeSizeBytes)));
+  const bytes = parseSize(text);
+  validateRegionSize(bytes);
+  return bytes;
+}
 
 export function embeddedCoordinatorUrl(dataDir: string): string {
   return `embedded://${path.join(path.resolve(dataDir), 'coordinator')}`;
@@ -37,7 +55,7 @@ async function withCoordinator<T>(options: CoordinatorTargetOptions, work: (coor
 
 export async function runVolumeCreate(
   name: string,
-  options: CoordinatorTargetOptions & { size: string; replicas: string; mode: string; strict?: boolean; json?: boolean },
+  options: CoordinatorTargetOptions & { size: string; replicas: string; mode: string; strict?: boolean; regionSize?: string; json?: boolean },
 ): Promise<void> {
   validateVolumeName(name);
   const sizeBytes = validateVolumeSize(parseSize(options.size), name);
@@ -48,7 +66,13 @@ export async function runVolumeCreate(
   if (options.mode !== 'sync' && options.mode !== 'async') {
     throw new MirrorsanError('CONFIG_INVALID', `--mode must be sync or async, got "${options.mode}"`);
   }
-  const spec: VolumeSpec = { ...defaultVolumeSpec(name, sizeBytes), replicas, mode: options.mode as ReplicationMode, strict: options.strict === true };
+  const spec: VolumeSpec = {
+    ...defaultVolumeSpec(name, sizeBytes),
+    replicas,
+    mode: options.mode as ReplicationMode,
+    strict: options.strict === true,
+    regionSizeBytes: parseRegionSize(options.regionSize, sizeBytes),
+  };
   const created = await withCoordinator(options, async (coordinator) => {
     // A replicated volume lives on live nodes: the first `replicas` of them (by id) hold it,
     // all in sync from epoch 1, the first arbitrating write priority.
