@@ -10,12 +10,16 @@
 // endpoint). A node that dials us is accepted if it is a live node or a replica of one of our
 // volumes: registration runs in the background, so a peer may dial before we have seen it.
 import fs from 'node:fs';
-import type { Coordinator, NodeRegistration, Unsubscribe, VolumeRecord, VolumeSpec } from '../cluster/index.js';
+import type { Coordinator, NodeRegistration, NodeSession, Unsubscribe, VolumeRecord, VolumeSpec } from '../cluster/index.js';
+import { replicaStates } from '../cluster/membership.js';
 import { MirrorsanError, assert } from '../errors.js';
 import { PeerLink, PeerListener, type PeerConnection, type PeerMessage, type PeerTimings } from '../replication/peer-link.js';
 import type { Logger } from '../util/log.js';
-import { ReplicatedVolume, type ReplicaMembership } from '../volume/replicated-volume.js';
-import type { Endpoint } from './config.js';
+import { ReplicatedVolume } from '../volume/replicated-volume.js';
+import { DEFAULT_FAILURE_TIMEOUT_MS, type Endpoint } from './config.js';
+import { MembershipMonitor, membershipOf } from './membership.js';
+
+export { membershipOf };
 
 /** Every node of a cluster shares this id; the cluster secret is what tells clusters apart. */
 export const CLUSTER_ID = 'mirrorsan';
@@ -34,6 +38,8 @@ export interface NodeReplicationOptions {
   timings?: Partial<PeerTimings>;
   /** Local store checkpoint period for every volume. */
   checkpointIntervalMs?: number;
+  /** A peer silent this long (and without a lease) leaves the in-sync set (NodeConfig.failureTimeoutMs). */
+  failureTimeoutMs?: number;
 }
 
 /** Reads the cluster secret (a file written by `mirrorsan up`, mode 0600). */
@@ -48,11 +54,6 @@ export function readClusterSecret(file: string, logger: Logger): Buffer {
   }
   if (text.length < 16) throw new MirrorsanError('CONFIG_INVALID', `cluster secret ${file} is shorter than 16 characters`);
   return Buffer.from(text, 'utf8');
-}
-
-/** The volume's view of a coordinator record. */
-export function membershipOf(record: VolumeRecord): ReplicaMembership {
-  return { epoch: record.epoch, replicas: record.replicas, inSync: record.inSync, ...(record.arbiter ? { arbiter: record.arbiter } : {}) };
 }
 
 export class NodeReplication {
@@ -76,6 +77,8 @@ export class NodeReplication {
   private unwatchNodes: Unsubscribe | undefined;
   /** Per open volume: the watch on its coordinator record (epoch changes reach the volume). */
   private readonly recordWatches = new Map<string, Unsubscribe>();
+  /** Failure detection, removal, fencing and rejoin (issue 5); made with the first coordinator. */
+  private monitor: MembershipMonitor | undefined;
   private closed = false;
 
   constructor(options: NodeReplicationOptions) {
@@ -98,13 +101,38 @@ export class NodeReplication {
     this.tickTimer = setInterval(() => {
       const now = Math.floor(performance.now());
       for (const volume of this.volumes.values()) volume.tick(now);
+      this.monitor?.tick();
     }, TICK_INTERVAL_MS);
     this.tickTimer.unref();
   }
 
-  /** Follows the coordinator's live nodes: dials every new one. */
+  /** Follows the coordinator's live nodes: dials every new one, and tells the membership monitor who holds a lease. */
   watchPeers(coordinator: Coordinator): void {
-    this.unwatchNodes = coordinator.watchNodes((nodes) => this.setPeers(nodes));
+    const monitor = this.monitorFor(coordinator);
+    this.unwatchNodes = coordinator.watchNodes((nodes) => {
+      monitor.setLiveNodes(nodes.map((node) => node.id));
+      this.setPeers(nodes);
+    });
+  }
+
+  /**
+   * This node's coordinator lease (undefined: lost). Without a valid one every replicated volume
+   * here is fenced (I2, I3); with a new one each volume rejoins (a new epoch) before it serves.
+   * Resolves once every volume rejoined (or found it is out of sync).
+   */
+  setSession(session: NodeSession | undefined): Promise<void> {
+    return this.monitor?.setSession(session) ?? Promise.resolve();
+  }
+
+  private monitorFor(coordinator: Coordinator): MembershipMonitor {
+    this.monitor ??= new MembershipMonitor({
+      self: this.options.self,
+      coordinator,
+      failureTimeoutMs: this.options.failureTimeoutMs ?? DEFAULT_FAILURE_TIMEOUT_MS,
+      logger: this.logger.child('membership'),
+      isPeerUp: (peer) => this.links.get(peer)?.state === 'up' || this.listener.connectionFor(peer) !== undefined,
+    });
+    return this.monitor;
   }
 
   /** Dials every node in `nodes` not dialled yet (links stay up across lease blips). */
@@ -145,6 +173,7 @@ export class NodeReplication {
       self: this.options.self,
       membership: membershipOf(record),
       regionSizeBytes: spec.regionSizeBytes,
+      mode: spec.mode,
       transport: {
         sendToPeer: (peer, message) => this.links.get(peer)?.send(message) ?? false,
         answerSource: (source, message) => this.listener.connectionFor(source)?.send(message) ?? false,
@@ -152,6 +181,7 @@ export class NodeReplication {
       },
       logger: this.logger.child(`volume ${spec.name}`),
       ...(this.options.checkpointIntervalMs !== undefined ? { checkpointIntervalMs: this.options.checkpointIntervalMs } : {}),
+      strict: spec.strict,
     });
     this.volumes.set(spec.name, volume);
     // Links that came up before the volume existed: tell it now (its peers wait for our ACKs),
@@ -165,30 +195,23 @@ export class NodeReplication {
     }
     for (const peer of record.replicas) if (this.listener.connectionFor(peer)) volume.inboundUp(peer);
     if (coordinator) {
+      const monitor = this.monitorFor(coordinator);
       this.recordWatches.set(spec.name, coordinator.watchVolumeRecord(spec.name, (next) => {
-        if (next && this.volumes.get(spec.name) === volume) volume.changeMembership(membershipOf(next));
+        if (!next || this.volumes.get(spec.name) !== volume) return;
+        monitor.recordChanged(spec.name, next);
+        volume.changeMembership(membershipOf(next));
       }));
-      void this.rejoin(coordinator, spec.name, record);
+      // Fenced until this node holds a lease and has rejoined under it (see MembershipMonitor).
+      await monitor.add(spec, record, volume);
     }
     return volume;
-  }
-
-  /** The epoch bump of openVolume. A failed CAS means a newer epoch exists already: as good. */
-  private async rejoin(coordinator: Coordinator, name: string, record: VolumeRecord): Promise<void> {
-    const next: VolumeRecord = { ...record, epoch: record.epoch + 1, updatedAtMs: Date.now() };
-    try {
-      const result = await coordinator.casVolumeRecord(name, record.epoch, next);
-      this.logger.info(result.ok ? 'rejoined the volume at a new epoch' : 'volume moved to a newer epoch meanwhile', { volume: name, epoch: next.epoch });
-    } catch (error) {
-      // The outcome is unknown; the record watch delivers whatever happened.
-      this.logger.warn('could not move the volume to a new epoch after opening it', { volume: name, error: String(error) });
-    }
   }
 
   async closeVolume(name: string): Promise<void> {
     const volume = this.volumes.get(name);
     if (!volume) return;
     this.volumes.delete(name);
+    this.monitor?.remove(name);
     this.recordWatches.get(name)?.();
     this.recordWatches.delete(name);
     await volume.close();
@@ -215,7 +238,18 @@ export class NodeReplication {
     for (const [peer, link] of this.links) {
       links[peer] = { outbound: link.state, inbound: this.listener.connectionFor(peer) ? 'up' : 'down', connectionsOpened: link.connectionsOpened, rttMs: link.stats?.lastRttMs ?? -1 };
     }
-    return [...this.volumes.values()].map((volume) => ({ ...volume.status(), links }));
+    return [...this.volumes.values()].map((volume) => {
+      const membership = volume.currentMembership;
+      return {
+        ...volume.status(),
+        // Per replica as this node sees it: in-sync, out-of-sync (not in the record's in-sync
+        // set: needs catch-up) or fenced (this node, while it may not serve).
+        replicaStates: replicaStates(membership, this.options.self, volume.fenceReason !== undefined),
+        degraded: membership.inSync.length < membership.replicas.length,
+        membership: this.monitor?.status(volume.name) ?? null,
+        links,
+      };
+    });
   }
 
   /** Closes every volume (checkpointing it), then the links and the listener. */
@@ -224,6 +258,7 @@ export class NodeReplication {
     this.closed = true;
     clearInterval(this.tickTimer);
     this.unwatchNodes?.();
+    this.monitor?.close();
     for (const name of [...this.volumes.keys()]) {
       try {
         await this.closeVolume(name);

@@ -1,4 +1,4 @@
-// Proves the replicated volume's shell over real stores: three replicas joined by an in-memory transport; a write through any node is readable through every other once acknowledged, the single-region grant moves between writers (each release after a durability sync), writers on disjoint regions never exchange grants, requests spanning many regions are split and stay consistent, FLUSH/FUA/ZERO/TRIM travel, a write waits while a member is unreachable and completes after the link comes back or after an epoch change removes the member (which then refuses I/O), and after close the three stores reopen with identical contents.
+// Proves the replicated volume's shell over real stores: three replicas joined by an in-memory transport; a write through any node is readable through every other once acknowledged, the single-region grant moves between writers (each release after a durability sync), writers on disjoint regions never exchange grants, requests spanning many regions are split and stay consistent, FLUSH/FUA/ZERO/TRIM travel, a write waits while a member is unreachable and completes after the link comes back or after an epoch change removes the member (which then refuses I/O), in async mode a write completes without the members but its grant moves only once every member has it, and after close the three stores reopen with identical contents.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -69,7 +69,7 @@ function pairKey(from: string, to: string): string {
   return `${from}>${to}`;
 }
 
-async function openCluster(root: string, regionSizeBytes?: number): Promise<Loop> {
+async function openCluster(root: string, regionSizeBytes?: number, mode: 'sync' | 'async' = 'sync'): Promise<Loop> {
   const loop = new Loop();
   const logger = createLogger({ level: 'error' });
   for (const self of NODES) {
@@ -83,6 +83,7 @@ async function openCluster(root: string, regionSizeBytes?: number): Promise<Loop
       logger: logger.child(self),
       sourceLimits: { checkpointIntervalMs: 200 },
       ...(regionSizeBytes ? { regionSizeBytes } : {}),
+      mode,
     });
     loop.volumes.set(self, volume);
   }
@@ -292,6 +293,32 @@ test('[I1, I2] an epoch change that removes an unreachable member completes the 
     for (const id of ['n1', 'n2']) {
       const bytes = await readBytes(v(id), 0, 3 * 4096);
       assert.deepEqual([bytes[0], bytes[4096], bytes[8192]], [5, 2, 4], `${id} holds the epoch-2 writes`);
+    }
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[async, I4] a write completes from the local log alone, but its region changes hands only once every member has it', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const loop = await openCluster(root, 64 * 1024, 'async');
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(4096, 1), { fua: false }), 5000, 'first write');
+    loop.sever('n1', 'n3');
+    await withTimeout(v('n1').write(4096, Buffer.alloc(4096, 2), { fua: false }), 5000, 'async write while n3 is cut off');
+    // n2 wants the same region: the grant stays with n1 until n3 has n1's write.
+    let done = false;
+    const contended = v('n2').write(4096, Buffer.alloc(4096, 3), { fua: false }).then(() => (done = true));
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    assert.equal(done, false, 'the grant did not move while a member lacks the holder\'s write');
+    loop.heal('n1', 'n3');
+    await withTimeout(contended, 5000, 'contended write after heal');
+    await withTimeout(v('n2').flush(), 5000, 'flush');
+    for (const id of NODES) {
+      const bytes = await readBytes(v(id), 0, 8192);
+      assert.deepEqual([bytes[0], bytes[4096]], [1, 3], `${id} applied n1's write, then n2's`);
     }
   } finally {
     await loop.close();

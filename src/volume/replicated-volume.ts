@@ -45,7 +45,7 @@ import { Holder, type HolderEffect } from '../policing/holder.js';
 import { fromWireGrantMessage, policingRecipient, toWireGrantMessage, type PolicingMessage } from '../policing/messages.js';
 import { regionCount, regionsOf, validateRegionSize } from '../policing/regions.js';
 import { WRITE_PAYLOAD_MAX_BYTES, type GrantMessage, type WireEntryType } from '../replication/codec.js';
-import { ReplicationSource, type OperationResult, type SourceEffect, type SourceLimits } from '../replication/engine/source.js';
+import { ReplicationSource, type OperationResult, type ReplicationMode, type SourceEffect, type SourceLimits } from '../replication/engine/source.js';
 import { ReplicationTarget, type TargetEffect } from '../replication/engine/target.js';
 import type { PeerMessage } from '../replication/peer-link.js';
 import type { Logger } from '../util/log.js';
@@ -114,13 +114,22 @@ export interface ReplicatedVolumeOptions {
   regionSizeBytes?: number;
   transport: ReplicaTransport;
   logger: Logger;
+  /**
+   * `sync` (default): a write completes once every in-sync member has it. `async`: once it is
+   * in the local log; members trail within the source's lag bound (FLUSH: local durability).
+   * Grants move only after every member has the holder's writes, in either mode.
+   */
+  mode?: ReplicationMode;
   sourceLimits?: Partial<SourceLimits>;
   /** Local store checkpoint period; 0 disables the timer (close still checkpoints). */
   checkpointIntervalMs?: number;
+  /** VolumeSpec.strict: refuse writes while fewer replicas than the record's are in sync. */
+  strict?: boolean;
 }
 
 interface PendingOperation {
-  resolve: () => void;
+  /** `sequence`: the write's entry, or the last entry a flush covers. */
+  resolve: (sequence: number | undefined) => void;
   reject: (error: Error) => void;
   /** Writes hold the grant until acknowledged; flushes do not take it. */
   holdsGrant: boolean;
@@ -165,12 +174,23 @@ export class ReplicatedVolume implements BlockDevice {
   private failure: MirrorsanError | undefined;
   /** Set while this node may not serve I/O (out of the in-sync set, or its lease is lost). */
   private fence: string | undefined;
+  /** The node's fence (lease lost, no majority: setFence), kept across epoch changes. */
+  private nodeFence: string | undefined;
+  private readonly strict: boolean;
   private closed = false;
   /** Policing messages waiting behind a RELEASE for its durability sync (see the header). */
   private readonly heldPolicing: HeldPolicingMessage[] = [];
   /** RELEASEs in heldPolicing[0..releaseSyncCovers) go once the running sync completes. */
   private releaseSyncCovers = 0;
   private releaseSyncRunning = false;
+  /**
+   * Work that waits until every in-sync member acknowledged (ackedSeq) or made durable
+   * (syncAckedSeq) this source's entries through `sequence`: a write's hold on its regions, a
+   * held RELEASE. In sync mode completion already implies it; in async mode it comes later.
+   * Ascending by sequence per field (completions come nearly in order: inserts are cheap).
+   */
+  private readonly replicationWaiters: Record<'ackedSeq' | 'syncAckedSeq', { sequence: number; run: () => void }[]> = { ackedSeq: [], syncAckedSeq: [] };
+  private readonly mode: ReplicationMode;
   private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0, releaseSyncs: 0, epochChanges: 0 };
 
   private constructor(options: ReplicatedVolumeOptions, store: ReplicaStore, targets: Map<string, ReplicationTarget>) {
@@ -192,11 +212,13 @@ export class ReplicatedVolume implements BlockDevice {
     this.transport = options.transport;
     this.logger = options.logger;
     this.checkpointIntervalMs = options.checkpointIntervalMs ?? DEFAULT_CHECKPOINT_INTERVAL_MS;
+    this.mode = options.mode ?? 'sync';
+    this.strict = options.strict === true;
     this.checkpointedStamp = store.recovery.lastStamp;
     this.source = new ReplicationSource({
       volume: options.name,
       self: options.self,
-      mode: 'sync',
+      mode: options.mode ?? 'sync',
       lastSequence: store.recovery.ownSequence,
       ...(options.sourceLimits ? { limits: options.sourceLimits } : {}),
     });
@@ -280,8 +302,9 @@ export class ReplicatedVolume implements BlockDevice {
     this.arbiterNode = arbiterOf(this.membership);
     this.counters.epochChanges++;
     this.logger.info('epoch changed', { epoch: next.epoch, inSync: this.membership.inSync.join(','), arbiter: this.arbiterNode, previousEpoch: previous.epoch });
-    this.fence = this.membership.inSync.includes(this.self) ? undefined : `${this.self} is not in the in-sync set of epoch ${next.epoch}`;
+    this.fence = this.membership.inSync.includes(this.self) ? this.nodeFence : `${this.self} is not in the in-sync set of epoch ${next.epoch}`;
     this.runSource(this.source.setMembership(next.epoch, this.membership.inSync));
+    this.runReplicationWaiters();
     for (const [peer, target] of this.targets) this.runTarget(peer, target.setEpoch(next.epoch));
     // Messages held behind a RELEASE belong to the old epoch: the new arbiter starts afresh.
     this.heldPolicing.length = 0;
@@ -300,11 +323,19 @@ export class ReplicatedVolume implements BlockDevice {
    * that cannot reach its peers may hold stale data (I2, I3). Operations already pending go on.
    */
   setFence(reason: string | undefined): void {
-    if (reason === this.fence) return;
-    if (reason === undefined && !this.membership.inSync.includes(this.self)) return;
-    this.fence = reason;
-    if (reason) this.logger.warn('volume fenced: refusing I/O on this node', { reason });
+    if (reason === this.nodeFence) return;
+    this.nodeFence = reason;
+    // Out of the in-sync set the volume stays fenced whatever the node says (catch-up first).
+    const next = this.membership.inSync.includes(this.self) ? reason : this.fence;
+    if (next === this.fence) return;
+    this.fence = next;
+    if (next) this.logger.warn('volume fenced: refusing I/O on this node', { reason: next });
     else this.logger.info('volume unfenced: serving I/O again');
+  }
+
+  /** Why this node refuses I/O on the volume now (undefined: it serves). */
+  get fenceReason(): string | undefined {
+    return this.fence;
   }
 
   /** Whether `peer` is one of this volume's other replicas (frames from others are dropped). */
@@ -389,6 +420,7 @@ export class ReplicatedVolume implements BlockDevice {
       case 'SYNC_ACK':
       case 'CHECKPOINT_ACK':
         this.runSource(this.source.receive(peer, message));
+        this.runReplicationWaiters();
         return;
       case 'GRANT_REQUEST':
       case 'GRANT':
@@ -465,10 +497,12 @@ export class ReplicatedVolume implements BlockDevice {
       name: this.name,
       sizeBytes: this.sizeBytes,
       epoch: this.membership.epoch,
+      mode: this.mode,
       replicas: [...this.membership.replicas],
       inSync: [...this.membership.inSync],
       arbiter: this.arbiterNode,
       fence: this.fence ?? null,
+      strict: this.strict,
       policing: {
         mode: this.regionCount === 1 ? 'single-writer' : 'regions',
         regionSizeBytes: this.regionSizeBytes,
@@ -510,6 +544,8 @@ export class ReplicatedVolume implements BlockDevice {
     const closing = new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closing`);
     for (const operation of this.pending.values()) operation.reject(closing);
     this.pending.clear();
+    this.replicationWaiters.ackedSeq.length = 0;
+    this.replicationWaiters.syncAckedSeq.length = 0;
     await this.store.close({ checkpoint: !this.failure });
   }
 
@@ -517,6 +553,10 @@ export class ReplicatedVolume implements BlockDevice {
 
   private submitWrite(entryType: WireEntryType, offset: number, lengthBytes: number, payload: Buffer, fua: boolean): Promise<void> {
     this.checkUsable();
+    if (this.strict && this.membership.inSync.length < this.membership.replicas.length) {
+      // [DESIGN §4] strict mode: no write while a replica is missing, rather than run degraded.
+      throw new MirrorsanError('NBD_EPERM', `volume ${this.name} is strict and only ${this.membership.inSync.length} of ${this.membership.replicas.length} replicas are in sync (${this.membership.inSync.join(',')}): writes are refused until every replica is back`);
+    }
     this.counters.writes++;
     const pieceBytesMax = WRITE_REGIONS_MAX * this.regionSizeBytes;
     const firstPieceEnd = Math.min(offset + lengthBytes, (Math.floor(offset / pieceBytesMax) + 1) * pieceBytesMax);
@@ -540,7 +580,14 @@ export class ReplicatedVolume implements BlockDevice {
 
   private track(operationId: number, holdsGrant: boolean): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      this.pending.set(operationId, { resolve, reject, holdsGrant, admitted: false });
+      this.pending.set(operationId, { resolve: () => resolve(), reject, holdsGrant, admitted: false });
+    });
+  }
+
+  /** A pending operation whose promise yields the sequence it completed at (internal flushes). */
+  private trackSequence(operationId: number): Promise<number | undefined> {
+    return new Promise<number | undefined>((resolve, reject) => {
+      this.pending.set(operationId, { resolve, reject, holdsGrant: false, admitted: false });
     });
   }
 
@@ -552,13 +599,48 @@ export class ReplicatedVolume implements BlockDevice {
     this.runSource(this.source.write({ operationId, entryType, offset, lengthBytes, payload, fua }));
   }
 
-  private finish(operationId: number, result: OperationResult): void {
+  private finish(operationId: number, result: OperationResult, sequence?: number): void {
     const operation = this.pending.get(operationId);
     if (!operation) return; // failed already (store failure or close)
     this.pending.delete(operationId);
-    if (result.ok) operation.resolve();
+    if (result.ok) operation.resolve(sequence);
     else operation.reject(new MirrorsanError(result.code, result.message));
-    if (operation.holdsGrant && operation.admitted && !this.closed) this.runHolder(this.holder.writeAcknowledged(operationId));
+    if (!operation.holdsGrant || !operation.admitted || this.closed) return;
+    // The region's hold ends once every member has the write (async: maybe after the client's answer).
+    const release = (): void => {
+      if (!this.closed) this.runHolder(this.holder.writeAcknowledged(operationId));
+    };
+    if (result.ok && sequence !== undefined) this.whenReplicated('ackedSeq', sequence, release);
+    else release();
+  }
+
+  /** Runs `run` once every in-sync member's `field` reaches `sequence` (at once if it has). */
+  private whenReplicated(field: 'ackedSeq' | 'syncAckedSeq', sequence: number, run: () => void): void {
+    if (this.replicationWatermark(field) >= sequence) {
+      run();
+      return;
+    }
+    const waiters = this.replicationWaiters[field];
+    let index = waiters.length;
+    while (index > 0 && waiters[index - 1]!.sequence > sequence) index--;
+    waiters.splice(index, 0, { sequence, run });
+  }
+
+  private replicationWatermark(field: 'ackedSeq' | 'syncAckedSeq'): number {
+    let watermark = this.source.lastSequence;
+    for (const member of this.source.members) watermark = Math.min(watermark, this.source.peer(member)?.[field] ?? 0);
+    return watermark;
+  }
+
+  private runReplicationWaiters(): void {
+    for (const field of ['ackedSeq', 'syncAckedSeq'] as const) {
+      const waiters = this.replicationWaiters[field];
+      if (waiters.length === 0) continue;
+      const watermark = this.replicationWatermark(field);
+      let count = 0;
+      while (count < waiters.length && waiters[count]!.sequence <= watermark) count++;
+      for (const waiter of waiters.splice(0, count)) waiter.run();
+    }
   }
 
   // ---- internals: effects -------------------------------------------------------------------
@@ -596,7 +678,7 @@ export class ReplicatedVolume implements BlockDevice {
           }
           break;
         case 'complete':
-          this.finish(effect.operationId, effect.result);
+          this.finish(effect.operationId, effect.result, effect.sequence);
           break;
         case 'peerNeedsCatchUp':
           this.logger.error('peer stands below the resend window; it needs a resync (not built yet)', {
@@ -700,7 +782,7 @@ export class ReplicatedVolume implements BlockDevice {
     this.counters.releaseSyncs++;
     const epoch = this.membership.epoch;
     const operationId = this.nextOperationId++;
-    const done = this.track(operationId, false);
+    const done = this.trackSequence(operationId);
     this.runSource(this.source.flush(operationId));
     const finished = (error?: unknown): void => {
       this.releaseSyncRunning = false;
@@ -715,7 +797,9 @@ export class ReplicatedVolume implements BlockDevice {
       for (const held of this.heldPolicing.splice(0, index)) this.deliverPolicing(held.target, held.message, held.recipientRole);
       this.startReleaseSync();
     };
-    done.then(() => finished(), finished);
+    // Durable on every member: a flush's completion says so in sync mode; in async mode the
+    // members' SYNC_ACKs may come later.
+    done.then((sequence) => this.whenReplicated('syncAckedSeq', sequence ?? 0, () => finished()), finished);
   }
 
   private deliverPolicing(target: string, message: PolicingMessage, recipientRole: 'holder' | 'arbiter'): void {
