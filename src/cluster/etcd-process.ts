@@ -33,16 +33,19 @@ interface Member {
 
 export class EtcdCluster {
   private readonly size: number;
+  /** The address etcd listens on: loopback, or a test network's bridge address (test/helpers/netns.ts). */
+  private readonly host: string;
   private readonly members: Member[] = [];
   private dataDir = '';
 
-  constructor(size = 1) {
+  constructor(size = 1, host = '127.0.0.1') {
     this.size = size;
+    this.host = host;
   }
 
   /** `host:port` of every member's client URL, for etcd:// coordinator URLs. */
   get endpoints(): string[] {
-    return this.members.map((member) => `127.0.0.1:${member.clientPort}`);
+    return this.members.map((member) => `${this.host}:${member.clientPort}`);
   }
 
   /** Starts a fresh cluster; fails with a clear message if the `etcd` binary is missing. */
@@ -78,7 +81,7 @@ export class EtcdCluster {
     for (const member of this.members) {
       if (!member.child) continue;
       try {
-        const response = await fetch(`http://127.0.0.1:${member.clientPort}/v3/maintenance/status`, {
+        const response = await fetch(`http://${this.host}:${member.clientPort}/v3/maintenance/status`, {
           method: 'POST',
           body: '{}',
           signal: AbortSignal.timeout(1000),
@@ -90,7 +93,7 @@ export class EtcdCluster {
         for (const other of this.members) {
           if (other === member || !other.child) continue;
           const answer = (await (
-            await fetch(`http://127.0.0.1:${other.clientPort}/v3/maintenance/status`, { method: 'POST', body: '{}', signal: AbortSignal.timeout(1000) })
+            await fetch(`http://${this.host}:${other.clientPort}/v3/maintenance/status`, { method: 'POST', body: '{}', signal: AbortSignal.timeout(1000) })
           ).json()) as { header?: { member_id?: string } };
           if (answer.header?.member_id === status.leader) return this.members.indexOf(other);
         }
@@ -114,9 +117,9 @@ export class EtcdCluster {
   }
 
   private async launch(member: Member): Promise<void> {
-    const client = `http://127.0.0.1:${member.clientPort}`;
-    const peer = `http://127.0.0.1:${member.peerPort}`;
-    const initialCluster = this.members.map((m) => `${m.name}=http://127.0.0.1:${m.peerPort}`).join(',');
+    const client = `http://${this.host}:${member.clientPort}`;
+    const peer = `http://${this.host}:${member.peerPort}`;
+    const initialCluster = this.members.map((m) => `${m.name}=http://${this.host}:${m.peerPort}`).join(',');
     const args = [
       '--name', member.name,
       '--data-dir', join(this.dataDir, member.name),

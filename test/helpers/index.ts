@@ -6,3 +6,4 @@ export * from './tls.js';
 export * from './nbdkit.js';
 export * from './cluster.js';
 export * from './tools.js';
+export * from './netns.js';
