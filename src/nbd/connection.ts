@@ -125,6 +125,9 @@ const NBD_ERRNO_BY_CODE: Partial<Record<ErrorCode, number>> = {
   NBD_EOVERFLOW: ERRNO.EOVERFLOW,
   NBD_ENOTSUP: ERRNO.ENOTSUP,
   NBD_SHUTDOWN: ERRNO.ESHUTDOWN,
+  // A bounded queue is full (writes waiting for write priority, or the mirror's admission):
+  // out of resources for now, with the reason in the structured error message.
+  VOLUME_BUSY: ERRNO.ENOMEM,
 };
 
 /** A request refused before it reaches the device. */
