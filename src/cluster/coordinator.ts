@@ -49,6 +49,12 @@ export interface VolumeRecord {
   inSync: string[];
   /** The node that arbitrates write-access priority for this epoch (DESIGN.md §5b). */
   arbiter?: string;
+  /**
+   * Replicas copying what they missed (catch-up, docs/replication.md): every writer already
+   * mirrors to them and waits for them, but they do not count for I1 and serve no reads until a
+   * CAS moves them into inSync. Disjoint from inSync. Absent: none.
+   */
+  catchingUp?: string[];
   updatedAtMs: number;
 }
 
@@ -249,6 +255,12 @@ export function volumeRecordProblem(value: unknown): string | undefined {
   if (value.arbiter !== undefined && !(typeof value.arbiter === 'string' && replicas.has(value.arbiter))) {
     return 'arbiter must be one of the replicas';
   }
+  if (value.catchingUp !== undefined) {
+    if (!isIdList(value.catchingUp)) return 'catchingUp must be a list of distinct node ids';
+    const inSync = new Set(value.inSync);
+    const wrong = value.catchingUp.find((id) => !replicas.has(id) || inSync.has(id));
+    if (wrong !== undefined) return `catchingUp member ${wrong} must be a replica outside inSync`;
+  }
   if (!isNonNegativeInteger(value.updatedAtMs)) return 'updatedAtMs must be a non-negative integer';
   return undefined;
 }
@@ -268,6 +280,7 @@ export function copyRecord(record: VolumeRecord): VolumeRecord {
     updatedAtMs: record.updatedAtMs,
   };
   if (record.arbiter !== undefined) copy.arbiter = record.arbiter;
+  if (record.catchingUp !== undefined && record.catchingUp.length > 0) copy.catchingUp = [...record.catchingUp];
   return copy;
 }
 

@@ -3,7 +3,8 @@
 // nothing is sent to a peer after link news until its ACK positions it, and then the stream is
 // resent from there; admission is FIFO and bounded (in-flight writes, resend window, async lag,
 // queue length); consistency points are requested on a timer, on window pressure and on flush;
-// membership changes release pending acknowledgements; stale epochs are refused (I2).
+// membership changes release pending acknowledgements; stale epochs are refused (I2); a
+// catching-up member owes nothing before it joined and its stream starts at its floor.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ENTRY_TYPE } from '../../journal/entry.js';
@@ -238,4 +239,35 @@ test('the completeBeforeAcks bug switch does what it says (the simulation must c
   const write = data();
   core.write(write);
   assert.deepEqual(trace(core.localApplied(1)), [`complete #${write.operationId}`]);
+});
+
+test('a catching-up member owes nothing before it joined, then gets and acknowledges every new entry, starting at its floor', () => {
+  const core = source();
+  const old = data();
+  core.write(old);
+  core.localApplied(1);
+  core.receive('b', ack('ACK', 1));
+  // c left at epoch 2 (write 1 completes without it), wrote on; it returns at epoch 3, catching up.
+  assert.deepEqual(trace(core.setMembership(2, ['a', 'b'])), [`complete #${old.operationId}`]);
+  for (let i = 0; i < 3; i++) {
+    core.write(data());
+    core.localApplied(core.lastSequence);
+    core.receive('b', ack('ACK', core.lastSequence, 2));
+  }
+  const inFlight = data();
+  core.write(inFlight); // sequence 5: before c joins, still waiting for b
+  core.localApplied(5);
+  assert.deepEqual(trace(core.setMembership(3, ['a', 'b'], ['c'])), [], 'c is a member now, but owes nothing through 5');
+  assert.deepEqual(core.members.sort(), ['b', 'c']);
+  assert.deepEqual(trace(core.receive('b', ack('ACK', 5, 3))), [`complete #${inFlight.operationId}`], 'write 5 does not wait for c');
+  // c reports where its old stream stood (1): it is positioned at its floor (5), not stranded.
+  core.linkDown('c', true);
+  core.linkUp('c', true);
+  assert.deepEqual(trace(core.receive('c', ack('ACK', 1, 3))), []);
+  const next = data();
+  assert.deepEqual(trace(core.write(next)), ['append 6', 'b:WRITE 6', 'c:WRITE 6']);
+  core.localApplied(6);
+  core.receive('b', ack('ACK', 6, 3));
+  assert.deepEqual(trace(core.receive('c', ack('ACK', 6, 3))), [`complete #${next.operationId}`], 'new writes wait for c');
+  assert.deepEqual(core.peer('c')?.checkpointAckedSeq, 5);
 });

@@ -139,6 +139,11 @@ interface PeerState {
   checkpointSentSeq: number;
   /** peerNeedsCatchUp was emitted for this position; nothing is sent until it is repositioned. */
   stranded: boolean;
+  /**
+   * A catching-up member: the last sequence before it joined. Below it, its stream position
+   * is moved up to here (its catch-up copies what came before; its target rebases its stream).
+   */
+  joinFloor: number | undefined;
 }
 
 interface PendingWrite {
@@ -209,8 +214,12 @@ export class ReplicationSource {
 
   // ---- inputs ---------------------------------------------------------------------------
 
-  /** The coordinator's record for this volume: `inSync` may include this node (ignored). */
-  setMembership(epoch: number, inSync: readonly string[]): SourceEffect[] {
+  /**
+   * The coordinator's record for this volume: `inSync` may include this node (ignored).
+   * `catchingUp`: replicas copying what they missed; they get (and acknowledge) every entry
+   * from now on like members, and entries before their joining are never resent to them.
+   */
+  setMembership(epoch: number, inSync: readonly string[], catchingUp: readonly string[] = []): SourceEffect[] {
     assert(Number.isSafeInteger(epoch) && epoch >= this.epochValue, `epoch ${epoch} goes back from ${this.epochValue}`);
     if (epoch !== this.epochValue) {
       // Outstanding SYNC/CHECKPOINT requests went out at the old epoch and may be refused:
@@ -221,21 +230,25 @@ export class ReplicationSource {
       }
     }
     this.epochValue = epoch;
-    const members = new Set(inSync.filter((node) => node !== this.self));
+    const joining = new Set(catchingUp.filter((node) => node !== this.self));
+    const members = new Set([...inSync.filter((node) => node !== this.self), ...joining]);
     for (const peer of [...this.peers.keys()]) if (!members.has(peer)) this.peers.delete(peer);
     for (const peer of members) {
       if (this.peers.has(peer)) continue;
-      // A new member's position is unknown until it ACKs (it does on every linkUp).
+      // A new member's position is unknown until it ACKs (it does on every linkUp). A joining
+      // one owes nothing up to its floor: writes in flight now do not wait for it.
+      const owed = joining.has(peer) ? this.lastSeq : 0;
       this.peers.set(peer, {
         linkUp: this.linksUp.has(peer),
         positioned: false,
         nextToSend: this.lastSeq + 1,
-        ackedSeq: 0,
-        syncAckedSeq: 0,
-        checkpointAckedSeq: 0,
+        ackedSeq: owed,
+        syncAckedSeq: owed,
+        checkpointAckedSeq: owed,
         syncSentSeq: 0,
         checkpointSentSeq: 0,
         stranded: false,
+        joinFloor: joining.has(peer) ? this.lastSeq : undefined,
       });
     }
     // A member that left no longer holds back completions or the window.
@@ -378,14 +391,22 @@ export class ReplicationSource {
   }
 
   /** The peer's first ACK since the last link news: its stream stands at `sequence`. */
-  private position(peer: string, state: PeerState, sequence: number, effects: SourceEffect[]): void {
+  private position(peer: string, state: PeerState, reported: number, effects: SourceEffect[]): void {
     state.positioned = true;
+    // A joining member starts at its floor: what came before is its catch-up's to copy.
+    const sequence = state.joinFloor !== undefined && reported < state.joinFloor ? state.joinFloor : reported;
     // It may have restarted below what it acknowledged before (memory lost): those
     // acknowledgements no longer hold, pending operations wait for the resend.
     state.ackedSeq = sequence;
-    state.syncAckedSeq = Math.min(state.syncAckedSeq, sequence);
-    // Below its own checkpoint: its checkpoint record is gone too (a replaced disk, say).
-    state.checkpointAckedSeq = Math.min(state.checkpointAckedSeq, sequence);
+    if (sequence !== reported) {
+      // Nothing up to the floor is the joining member's to acknowledge, sync or checkpoint.
+      state.syncAckedSeq = sequence;
+      state.checkpointAckedSeq = sequence;
+    } else {
+      state.syncAckedSeq = Math.min(state.syncAckedSeq, sequence);
+      // Below its own checkpoint: its checkpoint record is gone too (a replaced disk, say).
+      state.checkpointAckedSeq = Math.min(state.checkpointAckedSeq, sequence);
+    }
     state.nextToSend = sequence + 1;
     const from = this.retainedFromSequence;
     if (state.nextToSend < from) {

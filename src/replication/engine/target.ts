@@ -21,6 +21,7 @@
 import { assert, type ErrorCode } from '../../errors.js';
 import { ENTRY_TYPE } from '../../journal/entry.js';
 import type { SequenceMessage, WireEntryType, WriteMessage } from '../codec.js';
+import { PayloadCopier } from '../../util/payload-copy.js';
 
 export interface TargetLimits {
   /** Entries held in the source's memory partition before it spills. */
@@ -82,6 +83,13 @@ export type TargetEffect =
   | { readonly kind: 'send'; readonly message: TargetMessage }
   /** The stream has a gap: close the link (the source resends from our ACK after linkUp). */
   | { readonly kind: 'resyncNeeded'; readonly reason: string }
+  /**
+   * Catch-up only (allowRebase): the source's stream resumes after `throughSequence`, past a gap
+   * this replica's catch-up covers. Drop the source's partition and container, record the
+   * stream as starting there (durably), then call rebased(throughSequence) and hand this
+   * target the frame again. Nothing of the frame was taken.
+   */
+  | { readonly kind: 'rebase'; readonly throughSequence: number }
   /** A frame was refused and ignored (stale epoch, wrong stream): for the log. */
   | { readonly kind: 'refused'; readonly code: ErrorCode; readonly reason: string };
 
@@ -112,6 +120,10 @@ export class ReplicationTarget {
   private checkpointRequestedSeq: number;
   /** SYNC sequences waiting for durability, ascending. */
   private pendingSyncs: number[] = [];
+  /** Set while this replica catches up: a gap in the stream is a rebase, not an error. */
+  private rebaseAllowed = false;
+  /** Owned copies of payloads that arrived as views of socket chunks (dropped at spill, in order). */
+  private readonly payloads = new PayloadCopier();
 
   constructor(config: TargetConfig, recovered: TargetRecovered) {
     assert(config.source !== config.self, 'a node is not the destination of its own stream');
@@ -173,6 +185,30 @@ export class ReplicationTarget {
     return effects;
   }
 
+  /**
+   * While this replica catches up (it is in the record's catchingUp set), the source skips what
+   * came before this replica joined (its catch-up copies it): the first frame past a gap then
+   * yields a 'rebase' effect instead of a resync.
+   */
+  allowRebase(allowed: boolean): void {
+    this.rebaseAllowed = allowed;
+  }
+
+  /** The shell recorded the rebase (see the effect): the stream now continues after `throughSequence`. */
+  rebased(throughSequence: number): TargetEffect[] {
+    assert(throughSequence >= this.expected - 1, `rebase to ${throughSequence} goes back from ${this.expected - 1}`);
+    this.expected = throughSequence + 1;
+    this.partition = [];
+    this.partitionBytes = 0;
+    this.spilledSeq = throughSequence;
+    this.durableSeq = throughSequence;
+    this.checkpointSeq = throughSequence;
+    this.checkpointRequestedSeq = throughSequence;
+    this.pendingSyncs = [];
+    this.rebaseAllowed = false;
+    return [this.ack('ACK', throughSequence), this.ack('SYNC_ACK', throughSequence), this.ack('CHECKPOINT_ACK', throughSequence)];
+  }
+
   /** Either direction of the link with the source came up: tell it where the stream stands. */
   linkUp(): TargetEffect[] {
     return [this.ack('ACK', this.expected - 1)];
@@ -229,6 +265,7 @@ export class ReplicationTarget {
   private receiveWrite(message: WriteMessage): TargetEffect[] {
     if (message.sequence < this.expected) return [this.ack('ACK', this.expected - 1)];
     if (message.sequence > this.expected) {
+      if (this.rebaseAllowed) return [{ kind: 'rebase', throughSequence: message.sequence - 1 }];
       return [{ kind: 'resyncNeeded', reason: `WRITE ${message.sequence} from ${this.source} where ${this.expected} was expected` }];
     }
     const entry: TargetEntry = {
@@ -237,8 +274,9 @@ export class ReplicationTarget {
       entryType: message.entryType,
       offset: message.offset,
       lengthBytes: message.lengthBytes,
-      // The codec's payload may be a view of a socket chunk: the partition keeps its own copy.
-      payload: Buffer.from(message.payload),
+      // The codec's payload may be a view of a socket chunk, which the partition must not pin:
+      // then it keeps its own copy. A payload the codec assembled across chunks is kept as is.
+      payload: this.payloads.owned(message.payload),
     };
     this.expected++;
     this.partition.push(entry);
