@@ -39,6 +39,8 @@ program
   .option('--tls-required', 'refuse clients that do not use TLS')
   .option('--coordinator <url>', 'embedded:///dir or etcd://host:port (default: embedded in DIR/coordinator)')
   .option('--region-size <size>', 'write-priority region size (power of two, at least 4KiB), or "single" for one writer at a time', '1MiB')
+  .option('--lease-ttl <ms>', "each node's coordinator lease TTL in ms (node config leaseTtlMs; default 5000)")
+  .option('--failure-timeout <ms>', 'a peer silent this long (and without a lease) leaves the in-sync set (node config failureTimeoutMs; default 1000)')
   .option('--json', 'print one JSON line describing the nodes when ready')
   .action((options) => runUpCommand(options).catch(reportAndExit));
 

@@ -9,6 +9,10 @@ interface ReplicatedVolumeStatus {
   inSync: string[];
   arbiter?: string;
   fence?: string | null;
+  strict?: boolean;
+  degraded?: boolean;
+  /** Per replica as the node sees it (issue 5). */
+  replicaStates?: { node: string; state: 'in-sync' | 'out-of-sync' | 'fenced' }[];
   policing?: {
     mode: 'single-writer' | 'regions';
     regionSizeBytes: number;
@@ -59,7 +63,7 @@ export async function runStatusCommand(options: { admin: string; json?: boolean 
   if (status.volumes.length > 0 || replicated.length === 0) printTable(rows);
   if (replicated.length > 0) {
     process.stdout.write(status.volumes.length > 0 ? '\nreplicated volumes\n' : 'replicated volumes\n');
-    const replicatedRows = [['VOLUME', 'SIZE', 'EPOCH', 'IN-SYNC', 'ARBITER', 'REGIONS', 'HOLDERS', 'HELD HERE', 'WAITING', 'OWN SEQ', 'APPLIED FROM PEERS']];
+    const replicatedRows = [['VOLUME', 'SIZE', 'EPOCH', 'IN-SYNC', 'ARBITER', 'REGIONS', 'HOLDERS', 'HELD HERE', 'WAITING', 'OWN SEQ', 'APPLIED FROM PEERS', 'REPLICAS']];
     for (const volume of replicated) {
       const applied = Object.entries(volume.sources ?? {}).map(([source, state]) => `${source}:${state.lastAppliedSequence}`);
       replicatedRows.push([
@@ -74,10 +78,20 @@ export async function runStatusCommand(options: { admin: string; json?: boolean 
         String(volume.policing?.waitingWrites ?? '-'),
         String(volume.source?.lastSequence ?? '-'),
         applied.join(' ') || '-',
+        (volume.replicaStates ?? []).map((replica) => `${replica.node}:${replica.state}`).join(' ') || '-',
       ]);
     }
     printTable(replicatedRows);
-    for (const volume of replicated) if (volume.fence) process.stdout.write(`${volume.name}: not serving here: ${volume.fence}\n`);
+    for (const volume of replicated) {
+      const here = volume.replicaStates?.find((replica) => replica.node === status.node.id)?.state;
+      if (here === 'out-of-sync') process.stdout.write(`${volume.name}: ${status.node.id} is OUT OF SYNC and fenced: I/O here is refused until it catches up (${volume.fence ?? 'not in the in-sync set'})\n`);
+      else if (volume.fence) process.stdout.write(`${volume.name}: ${status.node.id} is FENCED: I/O here is refused: ${volume.fence}\n`);
+      if (volume.degraded) {
+        const missing = (volume.replicaStates ?? []).filter((replica) => replica.state === 'out-of-sync').map((replica) => replica.node);
+        const policy = volume.strict ? 'strict: writes are refused until every replica is back' : 'writes continue on the in-sync replicas';
+        process.stdout.write(`${volume.name}: DEGRADED, out of sync: ${missing.join(',') || '-'} (${policy})\n`);
+      }
+    }
   }
 }
 

@@ -29,6 +29,9 @@ export interface UpOptions {
   coordinator?: string;
   /** Write-priority region size, or `single` (volume-command.ts parseRegionSize). */
   regionSize?: string;
+  /** Written to every node config as leaseTtlMs / failureTimeoutMs (defaults: the config's). */
+  leaseTtl?: string;
+  failureTimeout?: string;
   json?: boolean;
 }
 
@@ -84,6 +87,8 @@ function writeNodeConfig(options: UpOptions, dir: string, index: number, coordin
       ? { certFile: path.resolve(options.tlsCert), keyFile: path.resolve(options.tlsKey as string), required: options.tlsRequired === true }
       : null,
     ...(clusterSecretFile ? { clusterSecretFile } : {}),
+    ...(options.leaseTtl !== undefined ? { leaseTtlMs: parseIntegerOption(options.leaseTtl, 'lease-ttl', 1000, 600_000) } : {}),
+    ...(options.failureTimeout !== undefined ? { failureTimeoutMs: parseIntegerOption(options.failureTimeout, 'failure-timeout', 100, 600_000) } : {}),
   };
   fs.writeFileSync(configPath, JSON.stringify(config, null, 2) + '\n');
   return configPath;
@@ -158,6 +163,8 @@ export async function runUpCommand(options: UpOptions): Promise<void> {
     throw new MirrorsanError('CONFIG_INVALID', '--tls-required needs --tls-cert and --tls-key');
   }
   parseIntegerOption(options.basePort, 'base-port', 1, 65535 - 300);
+  if (options.leaseTtl !== undefined) parseIntegerOption(options.leaseTtl, 'lease-ttl', 1000, 600_000);
+  if (options.failureTimeout !== undefined) parseIntegerOption(options.failureTimeout, 'failure-timeout', 100, 600_000);
   const dir = path.resolve(options.dir);
   fs.mkdirSync(dir, { recursive: true });
   const coordinatorUrl = options.coordinator ?? embeddedCoordinatorUrl(dir);

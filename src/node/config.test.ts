@@ -21,6 +21,8 @@ test('a valid config gets defaults and is frozen', () => {
   assert.equal(config.volumes[0]?.readOnly, false);
   assert.equal(config.tls, null);
   assert.equal(config.threadPoolSize, 16);
+  assert.equal(config.failureTimeoutMs, 1000);
+  assert.equal(parseNodeConfig({ ...valid, failureTimeoutMs: 300 }).failureTimeoutMs, 300);
   assert.ok(Object.isFrozen(config));
   assert.ok(Object.isFrozen(config.nbd));
 });
@@ -34,6 +36,8 @@ test('bad values are refused with CONFIG_INVALID naming the field', () => {
     ['duplicate', { ...valid, volumes: [{ name: 'v', sizeBytes: '1MiB' }, { name: 'v', sizeBytes: '1MiB' }] }],
     ['tls', { ...valid, tls: { certFile: 'c' } }],
     ['not an object', 'hello'],
+    ['failureTimeoutMs', { ...valid, failureTimeoutMs: 50 }],
+    ['failureTimeoutMs type', { ...valid, failureTimeoutMs: '1s' }],
   ];
   for (const [what, raw] of cases) {
     assert.throws(() => parseNodeConfig(raw), isConfigInvalid, what);

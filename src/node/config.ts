@@ -47,7 +47,16 @@ export interface NodeConfig {
   threadPoolSize: number;
   /** The shared secret peers authenticate with (replicated volumes need it); null: no replication. */
   clusterSecretFile?: string | null;
+  /**
+   * A peer with no link up for this long counts as failed: once its lease is gone too it is
+   * removed from the in-sync set, and a node that cannot reach a majority of a volume's
+   * replicas for this long fences the volume (docs/replication.md, issue 5).
+   */
+  failureTimeoutMs: number;
 }
+
+/** Default failure timeout: a few missed heartbeats (PeerTimings.heartbeatIntervalMs is 200 ms). */
+export const DEFAULT_FAILURE_TIMEOUT_MS = 1000;
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const NODE_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$/;
@@ -148,6 +157,10 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
   if (typeof checkpointIntervalMs !== 'number' || !Number.isInteger(checkpointIntervalMs) || checkpointIntervalMs < 100) {
     fail('checkpointIntervalMs must be an integer >= 100');
   }
+  const failureTimeoutMs = object.failureTimeoutMs ?? DEFAULT_FAILURE_TIMEOUT_MS;
+  if (typeof failureTimeoutMs !== 'number' || !Number.isInteger(failureTimeoutMs) || failureTimeoutMs < 100 || failureTimeoutMs > 600_000) {
+    fail('failureTimeoutMs must be an integer 100..600000');
+  }
   return Object.freeze({
     id,
     dataDir: asString(object.dataDir, 'dataDir'),
@@ -162,6 +175,7 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
     checkpointIntervalMs,
     directWriteMinBytes: asSize(object.directWriteMinBytes ?? 64 * 1024, 'directWriteMinBytes'),
     threadPoolSize,
+    failureTimeoutMs,
     clusterSecretFile: object.clusterSecretFile === undefined || object.clusterSecretFile === null ? null : asString(object.clusterSecretFile, 'clusterSecretFile'),
   });
 }

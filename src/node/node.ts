@@ -84,10 +84,15 @@ export class MirrorsanNode {
         peerEndpoint: config.peer,
         logger: this.logger.child('replication'),
         checkpointIntervalMs: config.checkpointIntervalMs,
+        failureTimeoutMs: config.failureTimeoutMs,
       });
     }
     for (const volumeConfig of config.volumes) await this.openVolume(volumeConfig);
     if (config.coordinator) await this.joinCoordinator(config.coordinator);
+    // Replicated volumes serve only under a lease, after rejoining under it (I2, I3): report
+    // ready once that is done, so that a client does not meet a fenced export at start. After a
+    // SIGKILL this waits for the previous incarnation's lease to run out (at most 2 TTL + 1 s).
+    if (this.replication && this.registration) await this.registration;
 
     const tls = config.tls
       ? { cert: fs.readFileSync(config.tls.certFile), key: fs.readFileSync(config.tls.keyFile), required: config.tls.required }
@@ -178,7 +183,7 @@ export class MirrorsanNode {
     // Volume specs need no lease: serve them first. Registration runs in the background,
     // because after a SIGKILL the previous incarnation's lease on this node id must run out
     // first (up to a TTL), and a restarting node should not keep its clients waiting for that.
-    // TODO(issue 5): once replicas exist, local reads need a valid lease and in-sync state (I3).
+    // Replicated volumes stay fenced until the lease is held (see register and MembershipMonitor).
     await this.syncVolumeSpecs();
     this.replication?.watchPeers(this.coordinator);
     this.specPoll = setInterval(() => {
@@ -199,12 +204,18 @@ export class MirrorsanNode {
           { id: config.id, nbd: config.nbd, peer: config.peer, admin: config.admin },
           { leaseTtlMs: config.leaseTtlMs },
         );
-        log.info('registered at the coordinator', { leaseTtlMs: this.session.ttlMs });
-        this.session.onLost((reason) => {
+        const session = this.session;
+        log.info('registered at the coordinator', { leaseTtlMs: session.ttlMs });
+        session.onLost((reason) => {
           if (this.stopping) return;
-          log.error('lost the coordinator lease; registering again', { reason });
+          // Self-fencing (I2, I3): the others may remove this node once the lease has run out on
+          // their side, so from now on nothing is acknowledged or read here until it rejoins.
+          log.error('lost the coordinator lease: fencing replicated volumes, registering again', { reason });
+          void this.replication?.setSession(undefined);
           this.registration = this.register(log);
         });
+        // Every replicated volume rejoins (a new epoch) under the new lease before it serves.
+        await this.replication?.setSession(session);
         return;
       } catch (error) {
         if (this.stopping) return;

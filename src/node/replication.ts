@@ -182,6 +182,7 @@ export class NodeReplication {
       logger: this.logger.child(`volume ${spec.name}`),
       ...(this.options.checkpointIntervalMs !== undefined ? { checkpointIntervalMs: this.options.checkpointIntervalMs } : {}),
       strict: spec.strict,
+      servingCheck: () => this.monitor?.leaseProblem(),
     });
     this.volumes.set(spec.name, volume);
     // Links that came up before the volume existed: tell it now (its peers wait for our ACKs),

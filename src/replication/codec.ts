@@ -39,6 +39,7 @@ import { MirrorsanError, assert } from '../errors.js';
 import { ENTRY_TYPE } from '../journal/entry.js';
 import { ChunkQueue } from '../util/chunk-queue.js';
 import { crc32c } from '../util/crc32c.js';
+import { handOver } from '../util/payload-copy.js';
 
 export const FRAME_MAGIC = 0x4d535250; // "MSRP"
 export const PROTOCOL_VERSION = 1;
@@ -109,7 +110,10 @@ export interface WriteMessage {
   offset: number;
   /** WRITE: payload length; ZERO/TRIM: length of the range. At least 1. */
   lengthBytes: number;
-  /** The data for entry type WRITE; empty for ZERO and TRIM. A view: copy it to keep it long. */
+  /**
+   * The data for entry type WRITE; empty for ZERO and TRIM. May be a view of a received chunk:
+   * copy it to keep it long, unless the decoder handed it over (util/payload-copy.ts).
+   */
   payload: Buffer;
 }
 
@@ -730,7 +734,8 @@ export class FrameDecoder {
     if (this.payloadFilled < length) return undefined;
     const payload = this.payloadBuffer;
     this.payloadBuffer = undefined;
-    return payload;
+    // Allocated for this payload alone and never touched again: a holder need not copy it.
+    return handOver(payload);
   }
 
   private checkCrc(computed: number): void {

@@ -63,8 +63,29 @@
 // Partitions are spilled (not discarded) at a checkpoint because a log must stay
 // consecutive: the next spill continues at the next sequence.
 //
-// Entry types: WRITE, ZERO, TRIM. DIRECT_WRITE (the single-node large-write bypass) is not
-// supported here yet: its replay needs a supersede look-ahead across all logs by stamp.
+// Entry types: WRITE, ZERO, TRIM, and DIRECT_WRITE for large block-aligned writes (at least
+// directWriteMinBytes, local or remote): their bytes go to the image only, and the log (own
+// WAL or container) gets a payload-less DIRECT_WRITE entry, so a 1 MiB write costs one copy
+// into the page cache instead of two, and no log CRC over the data. What keeps that safe:
+// - A DIRECT_WRITE entry never reaches a log before its bytes reached the image. An own
+//   entry waits for its image write before it is appended (the own WAL stays in sequence
+//   order: entries after it wait in `ownQueue`); so a process crash (SIGKILL: the page cache
+//   survives) never leaves an entry whose bytes are not in the image. A remote entry is
+//   appended to its container only after its image write AND an image fdatasync covering it
+//   (spill waits for both): a container entry is what this node reports as durable, and the
+//   source never resends what it reports, so the bytes must survive a power loss as well as
+//   the entry does. Without this, a crash could leave the entry in the log with stale image
+//   bytes, the source would not resend it, and this replica would silently differ (I4).
+//   The own WAL does not get the fdatasync before append (it would put an image sync in the
+//   latency of every large write): after a power loss an unflushed own direct write may read
+//   back as the older bytes, as on the single-node volume. FLUSH/FUA sync the image too.
+// - The allocating-write rule: own direct writes do not wait for their entry (it comes
+//   after). A crash in between leaves bytes in blocks the map calls unallocated: invisible
+//   (reads and partial writes go by the map, see above), as for remote entries.
+// - Replay never applies an entry over blocks that a DIRECT_WRITE with a higher stamp owns
+//   (the image already holds the newer bytes): every log is scanned first for its
+//   DIRECT_WRITE entries, and a SupersedeIndex keyed by stamp answers, per entry, the
+//   parts to apply. A DIRECT_WRITE itself replays as "these blocks are allocated".
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MirrorsanError, assert, isMirrorsanError } from '../errors.js';
@@ -74,6 +95,8 @@ import { AllocationMap } from '../store/alloc-map.js';
 import { writeFileDurable } from '../store/file-io.js';
 import { ImageFile, fileExists } from '../store/image.js';
 import { RangeLock } from '../store/range-lock.js';
+import { SupersedeIndex } from '../store/supersede-index.js';
+import { CoalescedRun } from '../util/coalesced-run.js';
 import { crc32c } from '../util/crc32c.js';
 import type { Logger } from '../util/log.js';
 import { VolumeApplier } from './applier.js';
@@ -85,6 +108,8 @@ export const STAMP_MAX = 2 ** 48 - 1;
 const DEFAULT_BLOCK_SIZE_BYTES = 4096;
 const DEFAULT_PARTITION_ENTRIES_MAX = 4096;
 const DEFAULT_PARTITION_BYTES_MAX = 32 * MiB;
+/** Aligned WRITEs at least this large become DIRECT_WRITEs (see the header comment). */
+const DEFAULT_DIRECT_WRITE_MIN_BYTES = 64 * 1024;
 /** Accounted size of a payload-less entry in a partition (its header and bookkeeping). */
 const PARTITION_ENTRY_OVERHEAD_BYTES = 64;
 /** Log entries applied concurrently during replay (overlapping ones still in stamp order). */
@@ -109,6 +134,11 @@ export interface ReplicaStoreOptions {
   partitionBytesMax?: number;
   /** Segment capacity of the own WAL and of every container (WalOptions). Default: the WAL's. */
   segmentCapacityBytes?: number;
+  /**
+   * Block-aligned WRITEs of at least this many bytes go to the image only, logged as
+   * payload-less DIRECT_WRITE entries. Default 64 KiB; 0 turns it off.
+   */
+  directWriteMinBytes?: number;
 }
 
 /** One entry of a source's stream, as the mirror engine's target hands it over. */
@@ -153,6 +183,9 @@ export interface ReplicaStoreStats {
   inflightApplies: number;
   allocatedBytes: number;
   checkpoints: number;
+  /** Entries applied as DIRECT_WRITE (own and remote), and fdatasyncs of the image. */
+  directWrites: number;
+  imageSyncs: number;
   sources: Record<string, { received: number; spilled: number; durable: number; checkpoint: number; partitionEntries: number; partitionBytes: number; containerBytes: number }>;
 }
 
@@ -160,7 +193,8 @@ export interface ReplicaStoreStats {
 
 /** The header fields that carry `stamp`: flags = high 16 bits, sourceId = low 32 bits. */
 export function stampFields(stamp: number): { flags: number; sourceId: number } {
-  assert(Number.isSafeInteger(stamp) && stamp >= 1 && stamp <= STAMP_MAX, `stamp ${stamp} out of range`);
+  // The message is built only on failure: this runs for every entry.
+  if (!(Number.isSafeInteger(stamp) && stamp >= 1 && stamp <= STAMP_MAX)) assert(false, `stamp ${stamp} out of range`);
   return { flags: Math.floor(stamp / TWO_POW_32), sourceId: stamp % TWO_POW_32 };
 }
 
@@ -224,11 +258,24 @@ export function decodeCheckpoint(data: Buffer, what: string): { record: Checkpoi
 interface PartitionEntry {
   entry: LogEntry;
   payload: Buffer | undefined;
+  /** DIRECT_WRITE: settles once its bytes are in the image (it is appended only after that). */
+  applied: Promise<void> | undefined;
+}
+
+/** An own entry waiting for its turn in the own WAL (see `ownQueue`). */
+interface OwnAppend {
+  entry: LogEntry;
+  payload: Buffer | undefined;
+  /** False for a DIRECT_WRITE until its bytes are in the image. */
+  ready: boolean;
+  resolve: () => void;
+  reject: (error: unknown) => void;
 }
 
 interface SourceState {
   readonly id: string;
-  readonly wal: WriteAheadLog;
+  /** Replaced only by rebaseSource (catch-up). */
+  wal: WriteAheadLog;
   /** Last sequence handed to applyRemote. */
   received: number;
   /** Last sequence appended to the container. */
@@ -238,10 +285,26 @@ interface SourceState {
   checkpoint: number;
   partition: PartitionEntry[];
   partitionBytes: number;
+  /**
+   * Container work in order: spilled batches (a batch with DIRECT_WRITEs first waits for
+   * their image writes and an image sync) and checkpoint rotations. Settles when the last
+   * queued piece is done; `chainedWork` counts pieces not done yet.
+   */
+  appendChain: Promise<void>;
+  chainedWork: number;
 }
 
 function isStoreEntryType(type: number): type is StoreEntryType {
   return type === ENTRY_TYPE.WRITE || type === ENTRY_TYPE.ZERO || type === ENTRY_TYPE.TRIM;
+}
+
+/** What the logs may hold: the store's entry types plus DIRECT_WRITE. */
+function isLoggedEntryType(type: number): boolean {
+  return isStoreEntryType(type) || type === ENTRY_TYPE.DIRECT_WRITE;
+}
+
+function newSourceState(id: string, wal: WriteAheadLog, last: number, checkpoint: number): SourceState {
+  return { id, wal, received: last, spilled: last, durable: last, checkpoint, partition: [], partitionBytes: 0, appendChain: Promise.resolve(), chainedWork: 0 };
 }
 
 export class ReplicaStore {
@@ -259,9 +322,24 @@ export class ReplicaStore {
   private readonly partitionEntriesMax: number;
   private readonly partitionBytesMax: number;
   private readonly segmentCapacityBytes: number | undefined;
+  private readonly directWriteMinBytes: number;
   private stamp: number;
   private checkpointStamp: number;
   private ownSequence: number;
+  /**
+   * Own entries not yet handed to the own WAL, in sequence order: an entry waits here while
+   * it, or one before it, is a DIRECT_WRITE whose bytes are not in the image yet. Empty
+   * almost always (nothing waits unless a direct write is in flight).
+   */
+  private readonly ownQueue: OwnAppend[] = [];
+  /** The last own sequence handed to the own WAL. */
+  private ownAppendedSequence: number;
+  private ownAppendWaiters: { sequence: number; resolve: () => void; reject: (error: unknown) => void }[] = [];
+  /** DIRECT_WRITEs whose bytes reached the image, and how many of them an image sync covers. */
+  private directApplied = 0;
+  private directSynced = 0;
+  private imageSyncCount = 0;
+  private readonly imageSync: CoalescedRun;
   private readonly inflight = new Set<Promise<void>>();
   /** While set, applies registered from now on wait (a checkpoint is snapshotting). */
   private gate: Promise<void> | undefined;
@@ -295,10 +373,18 @@ export class ReplicaStore {
     this.partitionEntriesMax = options.partitionEntriesMax ?? DEFAULT_PARTITION_ENTRIES_MAX;
     this.partitionBytesMax = options.partitionBytesMax ?? DEFAULT_PARTITION_BYTES_MAX;
     this.segmentCapacityBytes = options.segmentCapacityBytes;
+    this.directWriteMinBytes = options.directWriteMinBytes ?? DEFAULT_DIRECT_WRITE_MIN_BYTES;
     this.stamp = init.stamp;
     this.checkpointStamp = init.checkpointStamp;
     this.ownSequence = init.ownSequence;
+    this.ownAppendedSequence = init.ownSequence;
     this.recovery = init.recovery;
+    this.imageSync = new CoalescedRun(async () => {
+      const covered = this.directApplied;
+      await this.image.datasync();
+      this.imageSyncCount++;
+      this.directSynced = Math.max(this.directSynced, covered);
+    });
   }
 
   /** Creates the store in `dir` if it does not exist, else opens it and replays every log. */
@@ -349,7 +435,7 @@ export class ReplicaStore {
       for (let index = 1; index < logs.length; index++) {
         const log = logs[index]!;
         const last = merged.results[index]!.lastSequence;
-        sources.push({ id: log.name, wal: log.wal, received: last, spilled: last, durable: last, checkpoint: log.fromSequence, partition: [], partitionBytes: 0 });
+        sources.push(newSourceState(log.name, log.wal, last, log.fromSequence));
         recovered.set(log.name, { durableSequence: last, checkpointSequence: log.fromSequence });
       }
       const ownSequence = merged.results[0]!.lastSequence;
@@ -412,7 +498,7 @@ export class ReplicaStore {
       return { durableSequence: raced.durable, checkpointSequence: raced.checkpoint };
     }
     assert(result.lastSequence === 0, 'new container not empty');
-    this.sources.set(sourceId, { id: sourceId, wal, received: 0, spilled: 0, durable: 0, checkpoint: 0, partition: [], partitionBytes: 0 });
+    this.sources.set(sourceId, newSourceState(sourceId, wal, 0, 0));
     return { durableSequence: 0, checkpointSequence: 0 };
   }
 
@@ -425,54 +511,90 @@ export class ReplicaStore {
   applyRemote(sourceId: string, entry: RemoteEntry, payload?: Buffer): Promise<void> {
     this.checkWritable(entry.offset, entry.lengthBytes);
     const source = this.sources.get(sourceId);
-    assert(source !== undefined, `replica store: applyRemote for unknown source ${sourceId} (call addSource first)`);
-    assert(entry.sequence === source.received + 1, `replica store: ${sourceId} entry ${entry.sequence} after ${source.received}`);
-    assert(isStoreEntryType(entry.type), `replica store: entry type ${entry.type} is not supported`);
-    const stamp = this.nextStamp();
-    const logEntry: LogEntry = { type: entry.type, ...stampFields(stamp), sequence: entry.sequence, offset: entry.offset, lengthBytes: entry.lengthBytes };
+    // Messages are built only on failure: this runs for every received entry.
+    if (source === undefined) assert(false, `replica store: applyRemote for unknown source ${sourceId} (call addSource first)`);
+    if (entry.sequence !== source.received + 1) assert(false, `replica store: ${sourceId} entry ${entry.sequence} after ${source.received}`);
+    if (!isStoreEntryType(entry.type)) assert(false, `replica store: entry type ${entry.type} is not supported`);
     const data = entry.type === ENTRY_TYPE.WRITE ? payload : undefined;
-    assert(entry.type !== ENTRY_TYPE.WRITE || data?.length === entry.lengthBytes, 'replica store: WRITE payload length differs from lengthBytes');
+    if (entry.type === ENTRY_TYPE.WRITE && data?.length !== entry.lengthBytes) assert(false, 'replica store: WRITE payload length differs from lengthBytes');
+    const direct = data !== undefined && this.isDirect(entry.offset, data.length);
+    const stamp = this.nextStamp();
+    const logEntry: LogEntry = { type: direct ? ENTRY_TYPE.DIRECT_WRITE : entry.type, ...stampFields(stamp), sequence: entry.sequence, offset: entry.offset, lengthBytes: entry.lengthBytes };
     source.received = entry.sequence;
-    source.partition.push({ entry: logEntry, payload: data });
+    const applied = this.register(logEntry, data, undefined);
+    // A DIRECT_WRITE keeps no payload here: its bytes are in the image (or on their way).
+    source.partition.push({ entry: logEntry, payload: direct ? undefined : data, applied: direct ? applied : undefined });
     source.partitionBytes += data?.length ?? PARTITION_ENTRY_OVERHEAD_BYTES;
     if (source.partition.length >= this.partitionEntriesMax || source.partitionBytes >= this.partitionBytesMax) {
       this.spill(sourceId, { sync: false }).catch(() => undefined); // noted as the store's failure
     }
-    return this.register(logEntry, data, undefined);
+    return applied;
   }
 
   /**
    * This node's own write: logged in the own WAL and applied (the single-node rule holds:
-   * an allocating write waits for its entry to be in the log file). Resolves with its
-   * sequence once both are done; durability is flushLocal()'s.
+   * an allocating write waits for its entry to be in the log file; a DIRECT_WRITE is
+   * appended only after its bytes are in the image). Resolves with its sequence once both
+   * are done; durability is flushLocal()'s.
    */
   async writeLocal(type: StoreEntryType, offset: number, lengthBytes: number, payload?: Buffer): Promise<number> {
     this.checkWritable(offset, lengthBytes);
-    assert(isStoreEntryType(type), `replica store: entry type ${type} is not supported`);
+    if (!isStoreEntryType(type)) assert(false, `replica store: entry type ${type} is not supported`);
     const data = type === ENTRY_TYPE.WRITE ? payload : undefined;
-    assert(type !== ENTRY_TYPE.WRITE || data?.length === lengthBytes, 'replica store: WRITE payload length differs from lengthBytes');
+    if (type === ENTRY_TYPE.WRITE && data?.length !== lengthBytes) assert(false, 'replica store: WRITE payload length differs from lengthBytes');
+    const direct = data !== undefined && this.isDirect(offset, data.length);
     const stamp = this.nextStamp();
     const sequence = this.ownSequence + 1;
-    const entry: LogEntry = { type, ...stampFields(stamp), sequence, offset, lengthBytes };
+    const entry: LogEntry = { type: direct ? ENTRY_TYPE.DIRECT_WRITE : type, ...stampFields(stamp), sequence, offset, lengthBytes };
     let logged: Promise<void>;
-    try {
-      logged = this.ownWal.append(entry, data);
-    } catch (error) {
-      throw this.noteFailure(error);
+    let waiting: OwnAppend | undefined;
+    if (!direct && this.ownQueue.length === 0) {
+      // The common case: nothing ahead of it waits, so it goes to the log now.
+      try {
+        logged = this.ownWal.append(entry, data);
+      } catch (error) {
+        throw this.noteFailure(error);
+      }
+      this.ownAppendedSequence = sequence;
+    } else {
+      waiting = { entry, payload: direct ? undefined : data, ready: !direct, resolve: () => undefined, reject: () => undefined };
+      const item = waiting;
+      logged = new Promise<void>((resolve, reject) => {
+        item.resolve = resolve;
+        item.reject = reject;
+      });
+      this.ownQueue.push(item);
     }
     this.ownSequence = sequence;
-    const applied = this.register(entry, data, logged);
+    // A direct write does not wait for its entry (it comes after its bytes).
+    const applied = this.register(entry, data, direct ? undefined : logged);
+    if (direct) {
+      const item = waiting!;
+      applied.then(
+        () => {
+          item.ready = true;
+          this.releaseOwnAppends();
+        },
+        (error: unknown) => this.failOwnQueue(error),
+      );
+    }
     const [logResult, applyResult] = await Promise.allSettled([logged, applied]);
     if (logResult.status === 'rejected') throw this.noteFailure(logResult.reason);
     if (applyResult.status === 'rejected') throw applyResult.reason;
     return sequence;
   }
 
-  /** Makes every own entry appended so far durable. */
-  async flushLocal(): Promise<void> {
+  /**
+   * Makes every own entry up to `throughSequence` (default: every one registered so far)
+   * durable: the own WAL, and the image when DIRECT_WRITEs reached it since its last sync.
+   */
+  async flushLocal(throughSequence?: number): Promise<void> {
     this.checkOpen();
+    const through = throughSequence === undefined ? this.ownSequence : Math.min(throughSequence, this.ownSequence);
     try {
-      await this.ownWal.sync();
+      // Entries up to `through` are in the log (a direct one only once its bytes are in the image).
+      await this.ownAppended(through);
+      await Promise.all([this.ownWal.sync(through), this.syncDirectWrites()]);
     } catch (error) {
       throw this.noteFailure(error);
     }
@@ -538,6 +660,46 @@ export class ReplicaStore {
     return this.checkpointRunning;
   }
 
+  /**
+   * Catch-up (ReplicationTarget's 'rebase'): `sourceId`'s stream resumes after
+   * `throughSequence`, past entries this replica never received (its catch-up copies what they
+   * wrote). The partition and the container are dropped (what they hold is in the image
+   * already, and older than the copies), and a checkpoint records the new start, so that a
+   * crash after this replays the container from there. No applyRemote for the source may run
+   * until this resolves (the caller holds its frames back).
+   */
+  async rebaseSource(sourceId: string, throughSequence: number): Promise<void> {
+    this.checkOpen();
+    const source = this.sources.get(sourceId);
+    assert(source !== undefined, `replica store: rebase of unknown source ${sourceId}`);
+    assert(Number.isSafeInteger(throughSequence) && throughSequence >= source.received, `replica store: rebase of ${sourceId} to ${throughSequence} goes back from ${source.received}`);
+    source.partition = [];
+    source.partitionBytes = 0;
+    // After every spill and rotation already queued on the old container.
+    await this.chain(source, async () => {
+      const dir = path.join(storeFiles(this.dir).containers, sourceId);
+      await source.wal.close();
+      await fs.promises.rm(dir, { recursive: true, force: true });
+      const wal = await WriteAheadLog.open({
+        dir,
+        logger: this.logger.child(`container/${sourceId}`),
+        ...(this.segmentCapacityBytes !== undefined ? { segmentCapacityBytes: this.segmentCapacityBytes } : {}),
+      });
+      await wal.replay(throughSequence, () => {
+        throw new MirrorsanError('STORE_IO', `container of ${sourceId} not empty after it was removed`);
+      });
+      source.wal = wal;
+    });
+    source.received = throughSequence;
+    source.spilled = throughSequence;
+    source.durable = throughSequence;
+    source.checkpoint = throughSequence;
+    // Twice: a run already under way may have captured the old start.
+    await this.checkpoint();
+    await this.checkpoint();
+    this.logger.info('replica store: source stream rebased (catch-up)', { source: sourceId, throughSequence });
+  }
+
   /** What the source's target was last told, for ReplicationTarget after checkpoints. */
   sourceState(sourceId: string): SourceRecovered | undefined {
     const source = this.sources.get(sourceId);
@@ -564,6 +726,8 @@ export class ReplicaStore {
       inflightApplies: this.inflight.size,
       allocatedBytes: this.map.allocatedBlocks * this.blockSizeBytes,
       checkpoints: this.checkpointCount,
+      directWrites: this.directApplied,
+      imageSyncs: this.imageSyncCount,
       sources,
     };
   }
@@ -585,6 +749,8 @@ export class ReplicaStore {
     this.closed = true;
     await Promise.allSettled([...this.inflight]);
     await this.checkpointRunning?.catch(() => undefined);
+    // Spills still waiting for their direct writes' image sync finish before the logs close.
+    for (const source of this.sources.values()) await source.appendChain.catch(() => undefined);
     await this.ownWal.close();
     for (const source of this.sources.values()) await source.wal.close();
     await this.image.close();
@@ -610,6 +776,7 @@ export class ReplicaStore {
         if (gate) await gate;
         if (lease.ready) await lease.ready;
         await this.applier.apply(entry, payload, logged);
+        if (entry.type === ENTRY_TYPE.DIRECT_WRITE) this.directApplied++;
       } catch (error) {
         throw this.noteFailure(error);
       } finally {
@@ -623,23 +790,112 @@ export class ReplicaStore {
     return applied;
   }
 
-  /** Queues the whole partition into the container synchronously; resolves when written. */
-  private spillNow(source: SourceState): Promise<unknown> {
+  /**
+   * Takes the whole partition now and queues it for the container behind the source's
+   * earlier container work; resolves once it (and everything queued before it) is written.
+   * Without DIRECT_WRITEs and with nothing ahead, the entries are appended synchronously.
+   * With DIRECT_WRITEs, the batch first waits for their image writes and an image sync
+   * covering them (see the header comment).
+   */
+  private spillNow(source: SourceState): Promise<void> {
     const batch = source.partition;
-    if (batch.length === 0) return Promise.resolve();
+    if (batch.length === 0) return source.appendChain;
     source.partition = [];
     source.partitionBytes = 0;
-    assert(batch[0]!.entry.sequence === source.spilled + 1, `replica store: spill of ${source.id} starts at ${batch[0]!.entry.sequence} after ${source.spilled}`);
-    const appends: Promise<void>[] = [];
-    try {
-      for (const item of batch) appends.push(source.wal.append(item.entry, item.payload));
-    } catch (error) {
-      return Promise.reject(this.noteFailure(error));
-    }
+    if (batch[0]!.entry.sequence !== source.spilled + 1) assert(false, `replica store: spill of ${source.id} starts at ${batch[0]!.entry.sequence} after ${source.spilled}`);
     source.spilled = batch[batch.length - 1]!.entry.sequence;
-    return Promise.all(appends).catch((error: unknown) => {
-      throw this.noteFailure(error);
+    const directApplies: Promise<void>[] = [];
+    for (const item of batch) if (item.applied) directApplies.push(item.applied);
+    const appendAll = (): Promise<unknown> => {
+      const appends: Promise<void>[] = [];
+      for (const item of batch) appends.push(source.wal.append(item.entry, item.payload));
+      return Promise.all(appends);
+    };
+    if (directApplies.length === 0 && source.chainedWork === 0) {
+      let appended: Promise<unknown>;
+      try {
+        appended = appendAll();
+      } catch (error) {
+        return Promise.reject(this.noteFailure(error));
+      }
+      return this.chain(source, () => appended);
+    }
+    return this.chain(source, async () => {
+      await Promise.all(directApplies);
+      await this.syncDirectWrites();
+      await appendAll();
     });
+  }
+
+  /** Queues `work` after the source's earlier container work (skipped if that failed). */
+  private chain(source: SourceState, work: () => Promise<unknown>): Promise<void> {
+    source.chainedWork++;
+    const done = source.appendChain
+      .then(work)
+      .then(
+        () => {
+          source.chainedWork--;
+        },
+        (error: unknown) => {
+          source.chainedWork--;
+          throw this.noteFailure(error);
+        },
+      );
+    source.appendChain = done;
+    done.catch(() => undefined); // surfaced to whoever awaits it; noted as the store's failure
+    return done;
+  }
+
+  /** Makes every DIRECT_WRITE applied so far durable in the image (shared fdatasync). */
+  private async syncDirectWrites(): Promise<void> {
+    if (this.directSynced >= this.directApplied) return;
+    await this.imageSync.run();
+  }
+
+  private isDirect(offset: number, lengthBytes: number): boolean {
+    const bs = this.blockSizeBytes;
+    return this.directWriteMinBytes > 0 && lengthBytes >= this.directWriteMinBytes && offset % bs === 0 && lengthBytes % bs === 0;
+  }
+
+  /** Hands the own entries at the head of ownQueue that are ready to the own WAL, in order. */
+  private releaseOwnAppends(): void {
+    while (this.ownQueue.length > 0 && this.ownQueue[0]!.ready) {
+      const item = this.ownQueue.shift()!;
+      let appended: Promise<void>;
+      try {
+        appended = this.ownWal.append(item.entry, item.payload);
+      } catch (error) {
+        // Its sequence is taken already (the source sent it): the own log would have a hole.
+        const failure = isMirrorsanError(error, 'JOURNAL_IO') || isMirrorsanError(error, 'STORE_IO') ? error : new MirrorsanError('STORE_IO', `replica store ${this.dir}: own log append of ${item.entry.sequence} failed: ${String(error)}`, { cause: error });
+        item.reject(this.noteFailure(failure));
+        this.failOwnQueue(failure);
+        return;
+      }
+      this.ownAppendedSequence = item.entry.sequence;
+      appended.then(item.resolve, item.reject);
+    }
+    if (this.ownAppendWaiters.length > 0) {
+      const still: typeof this.ownAppendWaiters = [];
+      for (const waiter of this.ownAppendWaiters) {
+        if (waiter.sequence <= this.ownAppendedSequence) waiter.resolve();
+        else still.push(waiter);
+      }
+      this.ownAppendWaiters = still;
+    }
+  }
+
+  /** A direct write failed: nothing after it can be logged in order. */
+  private failOwnQueue(error: unknown): void {
+    const failure = this.noteFailure(error);
+    for (const item of this.ownQueue.splice(0)) item.reject(failure);
+    for (const waiter of this.ownAppendWaiters.splice(0)) waiter.reject(failure);
+  }
+
+  /** Resolves once every own entry up to `sequence` was handed to the own WAL. */
+  private ownAppended(sequence: number): Promise<void> {
+    if (sequence <= this.ownAppendedSequence) return Promise.resolve();
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => this.ownAppendWaiters.push({ sequence, resolve, reject }));
   }
 
   private async runCheckpoint(): Promise<CheckpointResult> {
@@ -653,11 +909,13 @@ export class ReplicaStore {
     const perSource = new Map<string, number>();
     const logWork: Promise<unknown>[] = [];
     try {
-      // Synchronously, before any entry above the stamp can be appended: partitions go to
-      // their containers and every log starts a new segment for what follows.
+      // Synchronously, before any entry above the stamp can be appended: partitions are
+      // queued for their containers and every log's rotation behind them, so what follows
+      // goes to new segments. (Own entries at or below the stamp that still wait for a
+      // direct write's image bytes land after the rotation: harmless, replay skips them.)
       for (const source of this.sources.values()) {
         perSource.set(source.id, source.received);
-        logWork.push(this.spillNow(source), source.wal.rotate());
+        logWork.push(this.spillNow(source), this.chain(source, () => source.wal.rotate()));
       }
       logWork.push(this.ownWal.rotate());
       // Awaited below; until then a failure must not surface as an unhandled rejection.
@@ -671,7 +929,7 @@ export class ReplicaStore {
     }
     try {
       await Promise.all(logWork);
-      await this.image.datasync();
+      await this.imageSync.run();
       const record: CheckpointRecord = {
         format: CHECKPOINT_FORMAT,
         stamp,
@@ -734,19 +992,43 @@ export class ReplicaStore {
  */
 class Applier {
   private readonly applier: VolumeApplier;
+  private readonly bs: number;
 
   constructor(image: ImageFile, map: AllocationMap, blockSizeBytes: number) {
     this.applier = new VolumeApplier(image, map, blockSizeBytes);
+    this.bs = blockSizeBytes;
   }
 
-  /** `logged`: settles when the entry is in its log file; an allocating write waits for it. */
+  /**
+   * A live entry. `logged`: settles when the entry is in its log file; an allocating write
+   * waits for it. A DIRECT_WRITE carries its payload here (it goes to the image only).
+   */
   async apply(entry: LogEntry, payload: Buffer | undefined, logged: Promise<void> | undefined): Promise<void> {
-    if (entry.type === ENTRY_TYPE.WRITE) {
-      assert(payload !== undefined, 'replica store: WRITE without payload');
+    if (entry.type === ENTRY_TYPE.WRITE || entry.type === ENTRY_TYPE.DIRECT_WRITE) {
+      if (payload === undefined) assert(false, 'replica store: WRITE without payload');
       await this.applier.applyWrite(entry.offset, payload, logged);
     } else {
-      assert(entry.type === ENTRY_TYPE.ZERO || entry.type === ENTRY_TYPE.TRIM, `replica store: cannot apply entry type ${entry.type}`);
+      if (entry.type !== ENTRY_TYPE.ZERO && entry.type !== ENTRY_TYPE.TRIM) assert(false, `replica store: cannot apply entry type ${entry.type}`);
       await this.applier.applyZero(entry.offset, entry.lengthBytes, entry.type === ENTRY_TYPE.TRIM);
+    }
+  }
+
+  /**
+   * A replayed entry: only the parts that no DIRECT_WRITE with a higher stamp owns (the
+   * image holds that one's newer bytes). Skipping a part skips its map effect too: the newer
+   * direct write sets those blocks allocated in its turn, and every entry between the two
+   * is skipped there as well, so the final state is the same. A DIRECT_WRITE's bytes are in
+   * the image already: it only marks its blocks allocated.
+   */
+  async replay(entry: LogEntry, payload: Buffer, stamp: number, supersede: SupersedeIndex): Promise<void> {
+    const bs = this.bs;
+    const end = entry.offset + entry.lengthBytes;
+    for (const run of supersede.liveRuns(stamp, Math.floor(entry.offset / bs), Math.ceil(end / bs))) {
+      const start = Math.max(entry.offset, run.firstBlock * bs);
+      const stop = Math.min(end, (run.firstBlock + run.blockCount) * bs);
+      if (entry.type === ENTRY_TYPE.DIRECT_WRITE) this.applier.markWritten(start, stop - start);
+      else if (entry.type === ENTRY_TYPE.WRITE) await this.applier.applyWrite(start, payload.subarray(start - entry.offset, stop - entry.offset), undefined);
+      else await this.applier.applyZero(start, stop - start, entry.type === ENTRY_TYPE.TRIM);
     }
   }
 }
@@ -797,6 +1079,16 @@ async function mergeReplay(
   };
   const corrupt = (log: string, reason: string): MirrorsanError =>
     new MirrorsanError('JOURNAL_CORRUPT', `replica store: log ${log}: ${reason}`);
+  const isAligned = (entry: LogEntry): boolean => entry.offset % blockSizeBytes === 0 && entry.lengthBytes % blockSizeBytes === 0;
+
+  // Look-ahead: which blocks each DIRECT_WRITE owns, by stamp, across every log. A scan stops
+  // quietly where replay would cut a tail or refuse the log, so it never sees more than replay.
+  const supersede = new SupersedeIndex();
+  for (const log of logs) {
+    await log.wal.scan(log.fromSequence, (entry) => {
+      if (entry.type === ENTRY_TYPE.DIRECT_WRITE && isAligned(entry)) supersede.add(stampOf(entry), entry.offset / blockSizeBytes, entry.lengthBytes / blockSizeBytes);
+    });
+  }
 
   const replays = logs.map((log, index) => {
     const cursor = cursors[index]!;
@@ -807,7 +1099,7 @@ async function mergeReplay(
         if (stamp <= cursor.lastStamp) {
           throw corrupt(log.name, `entry ${entry.sequence} has stamp ${stamp}, not above ${cursor.lastStamp} (the checkpoint's or the previous entry's)`);
         }
-        if (!isStoreEntryType(entry.type) || entry.offset + entry.lengthBytes > sizeBytes) {
+        if (!isLoggedEntryType(entry.type) || entry.offset + entry.lengthBytes > sizeBytes || (entry.type === ENTRY_TYPE.DIRECT_WRITE && !isAligned(entry))) {
           throw corrupt(log.name, `entry ${entry.sequence} (type ${entry.type}, [${entry.offset}, +${entry.lengthBytes})) cannot be applied to this volume`);
         }
         cursor.lastStamp = stamp;
@@ -854,13 +1146,13 @@ async function mergeReplay(
     }
     lastStamp = head.stamp;
     replayedEntries++;
-    const { entry, payload } = head;
+    const { entry, payload, stamp } = head;
     const bs = blockSizeBytes;
     const lease = locks.acquire(Math.floor(entry.offset / bs) * bs, Math.ceil((entry.offset + entry.lengthBytes) / bs) * bs);
     const run = async (): Promise<void> => {
       try {
         if (lease.ready) await lease.ready;
-        await applier.apply(entry, entry.type === ENTRY_TYPE.WRITE ? payload : undefined, undefined);
+        await applier.replay(entry, payload, stamp, supersede);
       } finally {
         lease.release();
       }
@@ -900,6 +1192,8 @@ function validateOptions(options: ReplicaStoreOptions): void {
   ] as const) {
     if (value !== undefined && !(Number.isSafeInteger(value) && value >= 1)) invalid(`${key} must be a positive integer`);
   }
+  const direct = options.directWriteMinBytes;
+  if (direct !== undefined && !(Number.isSafeInteger(direct) && direct >= 0)) invalid('directWriteMinBytes must be a non-negative integer');
 }
 
 function storeFiles(dir: string): { image: string; checkpoint: string; wal: string; containers: string } {

@@ -1,4 +1,4 @@
-// Proves the replicated volume's shell over real stores: three replicas joined by an in-memory transport; a write through any node is readable through every other once acknowledged, the single-region grant moves between writers (each release after a durability sync), writers on disjoint regions never exchange grants, requests spanning many regions are split and stay consistent, FLUSH/FUA/ZERO/TRIM travel, a write waits while a member is unreachable and completes after the link comes back or after an epoch change removes the member (which then refuses I/O), in async mode a write completes without the members but its grant moves only once every member has it, and after close the three stores reopen with identical contents.
+// Proves the replicated volume's shell over real stores: three replicas joined by an in-memory transport; a write through any node is readable through every other once acknowledged, the single-region grant moves between writers (each release after a durability sync), writers on disjoint regions never exchange grants, requests spanning many regions are split and stay consistent, FLUSH/FUA/ZERO/TRIM travel, a write waits while a member is unreachable and completes after the link comes back or after an epoch change removes the member (which then refuses I/O), in async mode a write completes without the members but its grant moves only once every member has it, a member that missed writes catches up (live writes keep flowing while it copies only what differs) and rejoins byte-identical, and after close the three stores reopen with identical contents.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { createLogger } from '../util/log.js';
 import type { PeerMessage } from '../replication/peer-link.js';
-import { ReplicatedVolume, type ReplicaTransport } from './replicated-volume.js';
+import { ReplicatedVolume, type ReplicaMembership, type ReplicaTransport, type ReplicatedVolumeOptions } from './replicated-volume.js';
 
 const SIZE_BYTES = 4 * 1024 * 1024;
 const NODES = ['n1', 'n2', 'n3'] as const;
@@ -69,7 +69,7 @@ function pairKey(from: string, to: string): string {
   return `${from}>${to}`;
 }
 
-async function openCluster(root: string, regionSizeBytes?: number, mode: 'sync' | 'async' = 'sync'): Promise<Loop> {
+async function openCluster(root: string, regionSizeBytes?: number, mode: 'sync' | 'async' = 'sync', catchUp?: (self: string, loop: Loop) => ReplicatedVolumeOptions['catchUp'], sourceLimits: ReplicatedVolumeOptions['sourceLimits'] = {}): Promise<Loop> {
   const loop = new Loop();
   const logger = createLogger({ level: 'error' });
   for (const self of NODES) {
@@ -81,9 +81,10 @@ async function openCluster(root: string, regionSizeBytes?: number, mode: 'sync' 
       membership: { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' },
       transport: loop.transport(self),
       logger: logger.child(self),
-      sourceLimits: { checkpointIntervalMs: 200 },
+      sourceLimits: { checkpointIntervalMs: 200, ...sourceLimits },
       ...(regionSizeBytes ? { regionSizeBytes } : {}),
       mode,
+      ...(catchUp ? { catchUp: catchUp(self, loop) } : {}),
     });
     loop.volumes.set(self, volume);
   }
@@ -319,6 +320,114 @@ test('[async, I4] a write completes from the local log alone, but its region cha
     for (const id of NODES) {
       const bytes = await readBytes(v(id), 0, 8192);
       assert.deepEqual([bytes[0], bytes[4096]], [1, 3], `${id} applied n1's write, then n2's`);
+    }
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[catch-up] a member that missed writes joins as catching up, copies what differs while writes go on, and rejoins identical', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  let caughtUpAt: number | undefined;
+  const loop = await openCluster(root, 64 * 1024, 'sync', (self, cluster) => ({
+    digests: (peer, offset, length, chunkBytes) => cluster.volumes.get(peer)!.digests(offset, length, chunkBytes),
+    read: async (peer, offset, length) => readBytes(cluster.volumes.get(peer)!, offset, length),
+    caughtUp: async (epoch) => {
+      assert.equal(self, 'n3');
+      caughtUpAt = epoch;
+    },
+  }));
+  const v = (id: string) => loop.volumes.get(id)!;
+  const everyone = (membership: ReplicaMembership) => {
+    for (const id of NODES) v(id).changeMembership(membership);
+  };
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(65536, 1), { fua: false }), 5000, 'first write');
+    // n3 drops out (epoch 2) and misses writes from n1 and n2.
+    loop.sever('n1', 'n3');
+    loop.sever('n2', 'n3');
+    everyone({ epoch: 2, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1' });
+    assert.equal(v('n3').replicaState, 'out-of-sync');
+    for (let i = 0; i < 20; i++) await withTimeout(v(i % 2 === 0 ? 'n1' : 'n2').write((i * 3 % 64) * 65536, Buffer.alloc(8192, 10 + i), { fua: false }), 5000, `missed write ${i}`);
+    await withTimeout(v('n1').writeZeroes(0, 4096, { fua: false, mayTrim: false, fastZero: false }), 5000, 'missed zero');
+
+    // Back: n3 catches up at epoch 3 while n1 keeps writing.
+    loop.heal('n1', 'n3');
+    loop.heal('n2', 'n3');
+    everyone({ epoch: 3, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1', catchingUp: ['n3'] });
+    assert.equal(v('n3').replicaState, 'catching-up');
+    await assert.rejects(v('n3').read(0, 4096), /not in the in-sync set/, 'no reads while catching up');
+    const live: Promise<void>[] = [];
+    for (let i = 0; i < 30; i++) live.push(v(i % 2 === 0 ? 'n1' : 'n2').write(((i * 7) % 64) * 65536 + 4096, Buffer.alloc(4096, 100 + i), { fua: false }));
+    await withTimeout(Promise.all(live), 10_000, 'writes during catch-up');
+    const deadline = Date.now() + 10_000;
+    while (caughtUpAt === undefined && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(caughtUpAt, 3, 'n3 reported caught up in epoch 3');
+    const progress = (v('n3').status() as { catchUp: { state: string; bytesCopied: number; bytesCompared: number; percent: number } }).catchUp;
+    assert.equal(progress.state, 'done');
+    assert.equal(progress.percent, 100);
+    assert.equal(progress.bytesCompared, SIZE_BYTES);
+    assert.ok(progress.bytesCopied > 0 && progress.bytesCopied < SIZE_BYTES / 2, `copied only what differed: ${progress.bytesCopied} bytes`);
+    everyone({ epoch: 4, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' });
+    assert.equal(v('n3').replicaState, 'in-sync');
+    await withTimeout(v('n3').write(65536 * 5, Buffer.alloc(4096, 0xee), { fua: true }), 5000, 'n3 writes again');
+    const reference = await readBytes(v('n1'), 0, SIZE_BYTES);
+    for (const id of ['n2', 'n3']) assert.deepEqual(await readBytes(v(id), 0, SIZE_BYTES), reference, `${id} equals n1`);
+  } finally {
+    await loop.close();
+  }
+  // After a restart n3's store replays to the same bytes (its rebased containers included).
+  const reopened = await openCluster(root, 64 * 1024);
+  try {
+    const first = await readBytes(reopened.volumes.get('n1')!, 0, SIZE_BYTES);
+    assert.deepEqual(await readBytes(reopened.volumes.get('n3')!, 0, SIZE_BYTES), first, 'n3 equals n1 after reopening');
+  } finally {
+    await reopened.close();
+  }
+});
+
+test('[seed 19] an epoch change heard after a peer\'s frame of a newer epoch reached a target goes through whole', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const loop = await openCluster(root, 64 * 1024);
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n3').write(0, Buffer.alloc(4096, 1), { fua: false }), 5000, 'first write');
+    const epoch3 = { epoch: 3, replicas: [...NODES], inSync: [...NODES], arbiter: 'n3' };
+    v('n3').changeMembership(epoch3);
+    const flush = v('n3').flush(); // SYNC and CHECKPOINT at epoch 3 reach n2's target for n3
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    v('n2').changeMembership({ epoch: 2, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' });
+    assert.equal(v('n2').epoch, 2);
+    for (const id of ['n1', 'n2']) v(id).changeMembership(epoch3);
+    await withTimeout(flush, 5000, 'the flush at epoch 3');
+    await withTimeout(v('n2').write(0, Buffer.alloc(4096, 2), { fua: true }), 5000, 'a write at epoch 3');
+    for (const id of NODES) assert.equal((await readBytes(v(id), 0, 1))[0], 2);
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[seed 30] a grant released by a completion inside a source batch: its sync goes after the batch\'s writes and completes', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const loop = await openCluster(root, 4096, 'sync', undefined, { inFlightWritesMax: 1, checkpointIntervalMs: 0 });
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(4096, 1), { fua: false }), 5000, 'n1 takes region 0');
+    await withTimeout(v('n1').write(4096, Buffer.alloc(4096, 2), { fua: false }), 5000, 'n1 takes region 1');
+    // w1 (region 0) in flight, w2 (region 1) waits in the source, and n2 asks for region 0: the
+    // completion of w1 releases region 0 in the batch that admits w2.
+    const writes = [
+      v('n1').write(0, Buffer.alloc(4096, 3), { fua: false }),
+      v('n1').write(4096, Buffer.alloc(4096, 4), { fua: false }),
+      v('n2').write(0, Buffer.alloc(4096, 5), { fua: false }),
+    ];
+    await withTimeout(Promise.all(writes), 5000, 'all three writes');
+    for (const id of NODES) {
+      const bytes = await readBytes(v(id), 0, 8192);
+      assert.deepEqual([bytes[0], bytes[4096]], [5, 4], `${id}`);
     }
   } finally {
     await loop.close();

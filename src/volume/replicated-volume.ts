@@ -50,6 +50,7 @@ import { ReplicationTarget, type TargetEffect } from '../replication/engine/targ
 import type { PeerMessage } from '../replication/peer-link.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from './device.js';
+import { CATCH_UP_CHUNK_BYTES_MAX, CatchUpDriver, digestChunks, type CatchUpPeerAccess, type CatchUpProgress } from './catch-up.js';
 import { ReplicaStore } from './replica-store.js';
 
 /** Largest READ/WRITE payload: what one WRITE frame carries. */
@@ -81,6 +82,13 @@ export interface ReplicaMembership {
   inSync: readonly string[];
   /** The node arbitrating write priority (default: the first in-sync member). */
   arbiter?: string;
+  /** Replicas catching up: mirrored to and waited for, not in sync (VolumeRecord.catchingUp). */
+  catchingUp?: readonly string[];
+}
+
+/** Every node the writers mirror to: the in-sync set and the replicas catching up. */
+function streamMembers(membership: ReplicaMembership): string[] {
+  return [...membership.inSync, ...(membership.catchingUp ?? [])];
 }
 
 /** The arbiter of an epoch: the record's, else the first in-sync member (docs/replication.md). */
@@ -123,8 +131,19 @@ export interface ReplicatedVolumeOptions {
   sourceLimits?: Partial<SourceLimits>;
   /** Local store checkpoint period; 0 disables the timer (close still checkpoints). */
   checkpointIntervalMs?: number;
+  /**
+   * How this replica reads from its peers when it catches up (the node supplies it), and what
+   * it does once it has copied everything (a CAS into the in-sync set). Without it a replica
+   * outside the in-sync set stays fenced.
+   */
+  catchUp?: CatchUpPeerAccess & { caughtUp(epoch: number): Promise<void>; rateBytesPerSec?: number };
   /** VolumeSpec.strict: refuse writes while fewer replicas than the record's are in sync. */
   strict?: boolean;
+  /**
+   * Checked on every client request: a reason to refuse it (the node's lease just ran out), or
+   * undefined. Synchronous, so no request slips in between a lease's expiry and setFence.
+   */
+  servingCheck?: () => string | undefined;
 }
 
 interface PendingOperation {
@@ -137,6 +156,8 @@ interface PendingOperation {
   admitted: boolean;
   /** Set once the holder admitted the write and it went to the source. */
   write?: { entryType: WireEntryType; offset: number; lengthBytes: number; payload: Buffer; fua: boolean };
+  /** A catch-up copy: once admitted (its grant held), fetch the peer's bytes, then write them. */
+  copy?: { offset: number; lengthBytes: number; fetch: () => Promise<Buffer>; outcome?: 'same' | 'copied' };
 }
 
 /** A policing message produced while a RELEASE ahead of it waits for its durability sync. */
@@ -172,11 +193,19 @@ export class ReplicatedVolume implements BlockDevice {
   private lastCheckpointMs = 0;
   private checkpointedStamp = 0;
   private failure: MirrorsanError | undefined;
+  private readonly catchUpAccess: ReplicatedVolumeOptions['catchUp'];
+  private catchUpDriver: CatchUpDriver | undefined;
+  /** Frames of a source held back while its stream is rebased (catch-up), in arrival order. */
+  private readonly pausedInbound = new Map<string, PeerMessage[]>();
+  /** runSource is performing a batch; source effects produced meanwhile wait here, in order. */
+  private performingSourceEffects = false;
+  private readonly nestedSourceEffects: (readonly SourceEffect[])[] = [];
   /** Set while this node may not serve I/O (out of the in-sync set, or its lease is lost). */
   private fence: string | undefined;
   /** The node's fence (lease lost, no majority: setFence), kept across epoch changes. */
   private nodeFence: string | undefined;
   private readonly strict: boolean;
+  private readonly servingCheck: (() => string | undefined) | undefined;
   private closed = false;
   /** Policing messages waiting behind a RELEASE for its durability sync (see the header). */
   private readonly heldPolicing: HeldPolicingMessage[] = [];
@@ -214,6 +243,8 @@ export class ReplicatedVolume implements BlockDevice {
     this.checkpointIntervalMs = options.checkpointIntervalMs ?? DEFAULT_CHECKPOINT_INTERVAL_MS;
     this.mode = options.mode ?? 'sync';
     this.strict = options.strict === true;
+    this.catchUpAccess = options.catchUp;
+    this.servingCheck = options.servingCheck;
     this.checkpointedStamp = store.recovery.lastStamp;
     this.source = new ReplicationSource({
       volume: options.name,
@@ -238,7 +269,8 @@ export class ReplicatedVolume implements BlockDevice {
     // and after each epoch change).
     this.arbiter = this.arbiterNode === options.self ? this.newArbiter(membership) : undefined;
     if (!membership.inSync.includes(options.self)) this.fence = `${options.self} is not in the in-sync set of epoch ${membership.epoch}`;
-    this.runSource(this.source.setMembership(membership.epoch, membership.inSync));
+    this.runSource(this.source.setMembership(membership.epoch, membership.inSync, membership.catchingUp ?? []));
+    this.adoptCatchUpState(undefined);
   }
 
   private newArbiter(membership: ReplicaMembership): Arbiter {
@@ -248,7 +280,7 @@ export class ReplicatedVolume implements BlockDevice {
       regionCount: this.regionCount,
       waitersPerRegionMax: Math.max(1, membership.replicas.length),
       grantHoldMaxMs: GRANT_HOLD_MAX_MS,
-      members: membership.inSync,
+      members: streamMembers(membership),
     });
   }
 
@@ -303,14 +335,17 @@ export class ReplicatedVolume implements BlockDevice {
     this.counters.epochChanges++;
     this.logger.info('epoch changed', { epoch: next.epoch, inSync: this.membership.inSync.join(','), arbiter: this.arbiterNode, previousEpoch: previous.epoch });
     this.fence = this.membership.inSync.includes(this.self) ? this.nodeFence : `${this.self} is not in the in-sync set of epoch ${next.epoch}`;
-    this.runSource(this.source.setMembership(next.epoch, this.membership.inSync));
+    this.runSource(this.source.setMembership(next.epoch, this.membership.inSync, this.membership.catchingUp ?? []));
+    this.adoptCatchUpState(previous);
     this.runReplicationWaiters();
-    for (const [peer, target] of this.targets) this.runTarget(peer, target.setEpoch(next.epoch));
+    // A target may be past this epoch already: a peer that heard of a newer one first sent it
+    // a frame of that epoch, which it adopted (found by the whole-path simulation, seed 19).
+    for (const [peer, target] of this.targets) if (target.epoch < next.epoch) this.runTarget(peer, target.setEpoch(next.epoch));
     // Messages held behind a RELEASE belong to the old epoch: the new arbiter starts afresh.
     this.heldPolicing.length = 0;
     this.releaseSyncCovers = 0;
     if (this.arbiterNode === this.self) {
-      if (this.arbiter) this.arbiter.reset(next.epoch, this.membership.inSync);
+      if (this.arbiter) this.arbiter.reset(next.epoch, streamMembers(this.membership));
       else this.arbiter = this.newArbiter(this.membership);
     } else {
       this.arbiter = undefined;
@@ -369,9 +404,12 @@ export class ReplicatedVolume implements BlockDevice {
   }
 
   write(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
-    // The source keeps the payload for resending after the client is answered, and the NBD
-    // server's buffer may be a view of a socket chunk: the volume holds its own copy.
-    return this.submitWrite(ENTRY_TYPE.WRITE, offset, data.length, Buffer.from(data), options.fua);
+    // The source keeps the payload for resending after the client is answered. The NBD
+    // server's buffer is never reused, but it may be a view of a socket chunk, which it would
+    // pin (64 KiB for a 4 KiB write): copy only then. A payload assembled across chunks owns
+    // its memory exactly, and copying 1 MiB costs more than everything else the source does.
+    const owned = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : Buffer.from(data);
+    return this.submitWrite(ENTRY_TYPE.WRITE, offset, data.length, owned, options.fua);
   }
 
   writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
@@ -413,7 +451,23 @@ export class ReplicatedVolume implements BlockDevice {
       case 'CHECKPOINT': {
         const target = this.targets.get(peer);
         if (!target) return;
-        this.runTarget(peer, target.receive(message));
+        // A source removed from the in-sync set (issue 5) may resume after a pause and resend
+        // writes admitted under an older epoch's grants; applied now they could land after the
+        // new epoch's writes to the same region on one member and before them on another (I4).
+        // (A replica catching up writes its copies through its own stream: it counts too.)
+        if (!streamMembers(this.membership).includes(peer)) {
+          this.logger.debug('stream frame from a source outside the in-sync set dropped', { peer, type: message.type, epoch: this.membership.epoch });
+          return;
+        }
+        const paused = this.pausedInbound.get(peer);
+        if (paused) {
+          paused.push(message);
+          return;
+        }
+        const effects = target.receive(message);
+        // A rebase takes nothing of the frame: it is handed to the target again afterwards.
+        if (effects.some((effect) => effect.kind === 'rebase')) this.pausedInbound.set(peer, [message]);
+        this.runTarget(peer, effects);
         return;
       }
       case 'ACK':
@@ -525,6 +579,7 @@ export class ReplicatedVolume implements BlockDevice {
       sources,
       store: { stamp: store.stamp, checkpointStamp: store.checkpointStamp, ownSequence: store.ownSequence, allocatedBytes: store.allocatedBytes, checkpoints: store.checkpoints },
       counters: { ...this.counters },
+      catchUp: this.catchUpDriver ? { ...this.catchUpDriver.progressValue } : null,
       failure: this.failure ? { code: this.failure.code, message: this.failure.message } : null,
     };
   }
@@ -541,6 +596,8 @@ export class ReplicatedVolume implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.catchUpDriver?.stop();
+    this.pausedInbound.clear();
     const closing = new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closing`);
     for (const operation of this.pending.values()) operation.reject(closing);
     this.pending.clear();
@@ -593,6 +650,11 @@ export class ReplicatedVolume implements BlockDevice {
 
   private admitted(operationId: number): void {
     const operation = this.pending.get(operationId);
+    if (operation?.copy) {
+      operation.admitted = true;
+      void this.copyAdmitted(operationId, operation.copy);
+      return;
+    }
     assert(operation?.write !== undefined, `admitted write ${operationId} is not pending`);
     operation.admitted = true;
     const { entryType, offset, lengthBytes, payload, fua } = operation.write;
@@ -645,7 +707,28 @@ export class ReplicatedVolume implements BlockDevice {
 
   // ---- internals: effects -------------------------------------------------------------------
 
+  /**
+   * Performs the source's effects in order. Not re-entrant: effects of a source call made while
+   * a batch is performed (a completion releases a grant, whose release sync calls
+   * source.flush) go after the rest of that batch. Performed at once, the nested SYNC(n) would
+   * overtake the batch's WRITE(n) on the link, the targets would answer for n - 1 only and the
+   * sync would never complete (found by the whole-path simulation, seed 30).
+   */
   private runSource(effects: readonly SourceEffect[]): void {
+    if (this.performingSourceEffects) {
+      if (effects.length > 0) this.nestedSourceEffects.push(effects);
+      return;
+    }
+    this.performingSourceEffects = true;
+    try {
+      this.performSourceEffects(effects);
+      for (let batch = this.nestedSourceEffects.shift(); batch !== undefined; batch = this.nestedSourceEffects.shift()) this.performSourceEffects(batch);
+    } finally {
+      this.performingSourceEffects = false;
+    }
+  }
+
+  private performSourceEffects(effects: readonly SourceEffect[]): void {
     for (const effect of effects) {
       switch (effect.kind) {
         case 'appendLocal': {
@@ -663,7 +746,9 @@ export class ReplicatedVolume implements BlockDevice {
           break;
         }
         case 'syncLocal':
-          this.store.flushLocal().then(
+          // Up to its sequence only: a later direct write still on its way to the image is
+          // not waited for.
+          this.store.flushLocal(effect.throughSequence).then(
             () => {
               if (!this.closed) this.runSource(this.source.localSynced(effect.throughSequence));
             },
@@ -732,6 +817,9 @@ export class ReplicatedVolume implements BlockDevice {
         case 'resyncNeeded':
           this.logger.warn('stream gap: resetting the connection', { peer, reason: effect.reason });
           this.transport.resetInbound(peer, effect.reason);
+          break;
+        case 'rebase':
+          this.rebaseStream(peer, effect.throughSequence);
           break;
         case 'refused':
           this.logger.warn('target refused a frame', { peer, code: effect.code, reason: effect.reason });
@@ -864,6 +952,129 @@ export class ReplicatedVolume implements BlockDevice {
     }
   }
 
+  // ---- internals: catch-up (src/volume/catch-up.ts) -------------------------------------
+
+  /**
+   * Digests of consecutive `chunkBytes` chunks of [offset, offset+length) as this replica
+   * holds them (after every write registered before the call), for a peer that catches up.
+   * Only an in-sync replica is a source of truth.
+   */
+  async digests(offset: number, length: number, chunkBytes: number): Promise<string[]> {
+    this.checkUsable();
+    assert(Number.isSafeInteger(chunkBytes) && chunkBytes >= 4096 && chunkBytes <= CATCH_UP_CHUNK_BYTES_MAX, `chunk size ${chunkBytes} out of range`);
+    if (offset < 0 || length < 1 || offset + length > this.sizeBytes || length > 64 * CATCH_UP_CHUNK_BYTES_MAX) {
+      throw new MirrorsanError('NBD_EINVAL', `digest range ${offset}+${length} outside the volume or too long`);
+    }
+    return digestChunks(await this.store.read(offset, length), chunkBytes);
+  }
+
+  /** Where this replica stands: in-sync, catching up (copying what it missed), or out of sync. */
+  get replicaState(): 'in-sync' | 'catching-up' | 'out-of-sync' {
+    if (this.membership.inSync.includes(this.self)) return 'in-sync';
+    return (this.membership.catchingUp ?? []).includes(this.self) ? 'catching-up' : 'out-of-sync';
+  }
+
+  /** Starts or stops the catch-up driver as this replica enters or leaves the catching-up set. */
+  private adoptCatchUpState(previous: ReplicaMembership | undefined): void {
+    const catching = (this.membership.catchingUp ?? []).includes(this.self);
+    const wasCatching = previous !== undefined && (previous.catchingUp ?? []).includes(this.self);
+    if (!catching) {
+      if (this.catchUpDriver && !this.catchUpDriver.isStopped) {
+        this.catchUpDriver.stop();
+        this.logger.info('catch-up ended', { state: this.replicaState, epoch: this.membership.epoch });
+      }
+      for (const target of this.targets.values()) target.allowRebase(false);
+      return;
+    }
+    if (wasCatching && this.catchUpDriver && !this.catchUpDriver.isStopped) return; // still under way
+    // Joining now: every writer starts this replica's stream at its floor (see the source).
+    for (const target of this.targets.values()) target.allowRebase(true);
+    const access = this.catchUpAccess;
+    if (!access) {
+      this.logger.warn('catching up, but this volume has no way to reach its peers');
+      return;
+    }
+    const regionChunk = Math.min(this.regionSizeBytes, CATCH_UP_CHUNK_BYTES_MAX);
+    const driver = new CatchUpDriver(
+      {
+        sizeBytes: this.sizeBytes,
+        localDigests: async (offset, length, chunkBytes) => digestChunks(await this.store.read(offset, length), chunkBytes),
+        copyUnderGrant: (offset, length, fetch) => this.copyUnderGrant(offset, length, fetch),
+        flush: () => this.flushInternal(),
+        sourcesOfTruth: () => this.membership.inSync.filter((node) => node !== this.self),
+      },
+      access,
+      { chunkBytes: regionChunk, rateBytesPerSec: access.rateBytesPerSec ?? 0, logger: this.logger.child('catch-up') },
+    );
+    this.catchUpDriver = driver;
+    const epoch = this.membership.epoch;
+    driver.run().then(
+      async (finished) => {
+        if (!finished || this.closed || driver !== this.catchUpDriver) return;
+        await access.caughtUp(epoch);
+      },
+      (error: unknown) => this.logger.error('catch-up failed', { error: error instanceof Error ? error.message : String(error) }),
+    );
+  }
+
+  /** Holding the chunk's write grant: the peer's bytes are fetched and, unless equal to ours, written (mirrored). */
+  private copyUnderGrant(offset: number, lengthBytes: number, fetch: () => Promise<Buffer>): Promise<'same' | 'copied'> {
+    if (this.closed) return Promise.reject(new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`));
+    const operationId = this.nextOperationId++;
+    const copy = { offset, lengthBytes, fetch } as NonNullable<PendingOperation['copy']>;
+    const done = this.track(operationId, true);
+    this.pending.get(operationId)!.copy = copy;
+    this.runHolder(this.holder.acquire(operationId, regionsOf(offset, lengthBytes, this.regionSizeBytes, WRITE_REGIONS_MAX)));
+    return done.then(() => copy.outcome ?? 'copied');
+  }
+
+  private async copyAdmitted(operationId: number, copy: NonNullable<PendingOperation['copy']>): Promise<void> {
+    let data: Buffer;
+    let local: Buffer;
+    try {
+      [data, local] = await Promise.all([copy.fetch(), this.store.read(copy.offset, copy.lengthBytes)]);
+      assert(data.length === copy.lengthBytes, `peer returned ${data.length} bytes for ${copy.lengthBytes}`);
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      this.finish(operationId, { ok: false, code: 'NBD_EIO', message: `catch-up read at ${copy.offset}: ${message}` });
+      return;
+    }
+    if (this.closed || !this.pending.has(operationId)) return;
+    if (data.equals(local)) {
+      copy.outcome = 'same';
+      this.finish(operationId, { ok: true });
+      return;
+    }
+    copy.outcome = 'copied';
+    this.runSource(this.source.write({ operationId, entryType: ENTRY_TYPE.WRITE, offset: copy.offset, lengthBytes: copy.lengthBytes, payload: data, fua: false }));
+  }
+
+  /** A FLUSH that a fenced replica may run for itself (catch-up's last step). */
+  private flushInternal(): Promise<void> {
+    if (this.closed) return Promise.reject(new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`));
+    const operationId = this.nextOperationId++;
+    const done = this.track(operationId, false);
+    this.runSource(this.source.flush(operationId));
+    return done;
+  }
+
+  /** The target's 'rebase': the store drops the source's old stream and records the new start; held frames then go on. */
+  private rebaseStream(peer: string, throughSequence: number): void {
+    if (!this.pausedInbound.has(peer)) this.pausedInbound.set(peer, []);
+    this.logger.info('catch-up: stream rebased past what this replica missed', { peer, throughSequence });
+    this.store.rebaseSource(peer, throughSequence).then(
+      () => {
+        if (this.closed) return;
+        const target = this.targets.get(peer)!;
+        this.runTarget(peer, target.rebased(throughSequence));
+        const held = this.pausedInbound.get(peer) ?? [];
+        this.pausedInbound.delete(peer);
+        for (const message of held) this.receive(peer, message);
+      },
+      (error: unknown) => this.fail(error, `rebase of ${peer}'s stream`),
+    );
+  }
+
   // ---- internals: failure ------------------------------------------------------------------
 
   /** The store failed: nothing more is accepted, and every pending operation fails (NBD_EIO). */
@@ -888,5 +1099,7 @@ export class ReplicatedVolume implements BlockDevice {
     if (this.closed) throw new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`);
     if (this.failure) throw this.failure;
     if (this.fence) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${this.fence}`);
+    const refusal = this.servingCheck?.();
+    if (refusal) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${refusal}`);
   }
 }

@@ -1,0 +1,141 @@
+// The membership rules of a replicated volume (DESIGN.md §3 I2/I3, §5; docs/replication.md,
+// "Failure detection and membership"), as pure functions of what one node observes: the
+// coordinator record, the volume spec, the nodes holding a live lease, and when each peer was
+// last heard on the peer links. The I/O shell (src/node/membership.ts) feeds them and performs
+// what they return: a compare-and-swap of the record, or a fence on the local volume.
+//
+// Why both conditions for a removal: a silent link alone may be a partition between two live
+// nodes (the member may still serve its clients and acknowledge writes it thinks are
+// mirrored); a lost lease alone may be a coordinator blip while the data path is fine. Only a
+// member that is silent on the data path AND has lost its lease (it fenced itself before the
+// lease ran out: src/cluster/session.ts) can be dropped without a split brain (I2) or a stale
+// read (I3).
+import { assert } from '../errors.js';
+import type { VolumeRecord, VolumeSpec } from './coordinator.js';
+
+export interface MembershipObservation {
+  /** The node deciding. */
+  self: string;
+  /** The newest record this node has read. */
+  record: VolumeRecord;
+  spec: Pick<VolumeSpec, 'strict'>;
+  /** Node ids whose coordinator lease is alive (coordinator.liveNodes()). */
+  liveNodes: ReadonlySet<string>;
+  /**
+   * Per peer: the last time (monotonic ms) a link to it was up. A peer missing here was never
+   * heard; the shell starts every peer at the time it began watching, so a peer gets
+   * failureTimeoutMs of grace after a node starts.
+   */
+  lastHeardMs: ReadonlyMap<string, number>;
+  nowMs: number;
+  failureTimeoutMs: number;
+}
+
+export type RemovalDecision =
+  | { kind: 'remove'; member: string; next: Omit<VolumeRecord, 'updatedAtMs'>; reason: string }
+  | { kind: 'none'; reason: string };
+
+/** Whether `peer` was silent on every link for at least failureTimeoutMs. */
+export function isSilent(observation: Pick<MembershipObservation, 'lastHeardMs' | 'nowMs' | 'failureTimeoutMs'>, peer: string): boolean {
+  const heardMs = observation.lastHeardMs.get(peer);
+  return heardMs === undefined || observation.nowMs - heardMs >= observation.failureTimeoutMs;
+}
+
+/**
+ * The decision rule: if `self` reaches a majority of the replicas (itself included; a peer
+ * counts while it is not silent), the first in-sync member (in record order), other than
+ * `self`, that is silent for failureTimeoutMs and missing from the live nodes is removed by the record
+ * `{epoch + 1, replicas, inSync minus it, arbiter: unchanged if still in sync, else the first
+ * remaining in-sync member}`. Never the last in-sync member. One member per change: the CAS
+ * decides between nodes racing, and the next decision starts from the record that won.
+ */
+export function decideRemoval(observation: MembershipObservation): RemovalDecision {
+  const { record, self } = observation;
+  assert(observation.failureTimeoutMs > 0, 'failureTimeoutMs is positive');
+  assert(record.inSync.length > 0 && record.inSync.every((member) => record.replicas.includes(member)), 'inSync is a non-empty subset of replicas');
+  if (record.inSync.length === 1) return { kind: 'none', reason: `only ${record.inSync[0]} is in sync` };
+  // A node on the minority side of a partition changes nothing: otherwise the last node left
+  // running while a cluster is stopped one node at a time would drop every other member.
+  const reachable = 1 + record.replicas.filter((node) => node !== self && !isSilent(observation, node)).length;
+  if (reachable < majorityOf(record.replicas.length)) {
+    return { kind: 'none', reason: `${self} reaches ${reachable} of ${record.replicas.length} replicas, not a majority` };
+  }
+  const waiting: string[] = [];
+  for (const member of record.inSync) {
+    if (member === self) continue;
+    const silent = isSilent(observation, member);
+    const leaseLive = observation.liveNodes.has(member);
+    if (!silent) {
+      if (!leaseLive) waiting.push(`${member} has no lease but its link is up`);
+      continue;
+    }
+    if (leaseLive) {
+      waiting.push(`${member} silent, waiting for its lease to run out`);
+      continue;
+    }
+    const inSync = record.inSync.filter((node) => node !== member);
+    const arbiter = record.arbiter !== undefined && inSync.includes(record.arbiter) ? record.arbiter : inSync[0]!;
+    const heardMs = observation.lastHeardMs.get(member);
+    const silentFor = heardMs === undefined ? 'never heard' : `silent for ${Math.round(observation.nowMs - heardMs)} ms`;
+    return {
+      kind: 'remove',
+      member,
+      next: { epoch: record.epoch + 1, replicas: [...record.replicas], inSync, arbiter },
+      reason: `${member} ${silentFor} (failure timeout ${observation.failureTimeoutMs} ms) and its lease is gone`,
+    };
+  }
+  return { kind: 'none', reason: waiting.length > 0 ? waiting.join('; ') : 'every in-sync member is reachable' };
+}
+
+export interface FenceObservation {
+  self: string;
+  record: VolumeRecord;
+  /** Whether this node holds a valid coordinator lease now (NodeSession.isValid()). */
+  leaseValid: boolean;
+  lastHeardMs: ReadonlyMap<string, number>;
+  nowMs: number;
+  failureTimeoutMs: number;
+}
+
+/** Replicas needed for a majority (itself included): ⌊n/2⌋ + 1. */
+export function majorityOf(replicaCount: number): number {
+  return Math.floor(replicaCount / 2) + 1;
+}
+
+/**
+ * Why this node must not serve the volume now, or undefined. Not being in the in-sync set is
+ * the volume's own fence (ReplicatedVolume); this adds the lease (I2, I3: the lease is what
+ * the others wait out before removing us) and reachability: a node that cannot reach a
+ * majority of the replicas (itself included) for failureTimeoutMs is probably on the wrong
+ * side of a partition and about to be removed.
+ */
+export function fenceReason(observation: FenceObservation): string | undefined {
+  const { record, self } = observation;
+  if (!observation.leaseValid) return `lease lost: ${self} holds no valid coordinator lease`;
+  const peers = record.replicas.filter((node) => node !== self);
+  const reachable = 1 + peers.filter((peer) => !isSilent(observation, peer)).length;
+  const needed = majorityOf(record.replicas.length);
+  if (reachable < needed) {
+    return `cannot reach a majority of the replicas: ${reachable} of ${record.replicas.length} reachable for ${observation.failureTimeoutMs} ms, ${needed} needed`;
+  }
+  return undefined;
+}
+
+/** Whether the volume takes writes: always unless strict, then only with every replica in sync. */
+export function writesAllowed(record: { readonly replicas: readonly string[]; readonly inSync: readonly string[] }, spec: Pick<VolumeSpec, 'strict'>): boolean {
+  return !spec.strict || record.inSync.length >= record.replicas.length;
+}
+
+export type ReplicaState = 'in-sync' | 'out-of-sync' | 'fenced';
+
+/**
+ * Each replica's state as this node sees it: out of the record's in-sync set is out-of-sync;
+ * this node while fenced (lease, majority) is fenced; the rest is in-sync.
+ */
+export function replicaStates(record: { readonly replicas: readonly string[]; readonly inSync: readonly string[] }, self: string, selfFenced: boolean): { node: string; state: ReplicaState }[] {
+  return record.replicas.map((node) => {
+    if (!record.inSync.includes(node)) return { node, state: 'out-of-sync' as const };
+    if (node === self && selfFenced) return { node, state: 'fenced' as const };
+    return { node, state: 'in-sync' as const };
+  });
+}

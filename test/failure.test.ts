@@ -1,0 +1,191 @@
+// Proves failure handling with real processes (issue 5): on a 3-node `mirrorsan up`, SIGKILLing n3 while fio writes with verify through n1 stalls writes only until n3's lease has run out and it is removed from the in-sync set (record epoch + 1, inSync without n3, arbiter kept), after which every write completes and reads through n1 and n2 return the data; restarted, n3 reports itself out of sync and refuses I/O; a strict volume refuses writes while a replica is out of sync; a node paused past its lease is removed and refuses reads the moment it resumes.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { createCoordinator, type Coordinator, type VolumeRecord } from '../src/cluster/index.js';
+import { NbdClient } from '../src/nbd/index.js';
+import { createLogger } from '../src/util/log.js';
+import { CLI_PATH, fioNbd, run, runOk, sha256, sleep, startUp, testServerKind, waitUntil, withServerLog } from './helpers/index.js';
+import type { UpCluster } from './helpers/index.js';
+
+const MiB = 1024 * 1024;
+/** Short enough to keep the suite fast, long enough for a loaded 2-core machine to renew in time. */
+const LEASE_TTL_MS = 1500;
+const FAILURE_TIMEOUT_MS = 500;
+
+interface ReplicatedStatus {
+  name: string;
+  epoch: number;
+  inSync: string[];
+  fence: string | null;
+  degraded: boolean;
+  replicaStates: { node: string; state: string }[];
+}
+
+describe('a node that dies leaves the in-sync set and the others go on', { skip: testServerKind() !== 'mirrorsan' }, () => {
+  let cluster: UpCluster;
+  let coordinator: Coordinator;
+  const log = (): string => cluster?.stderr ?? '';
+  const uri = (index: number, volume?: string): string => (volume ? cluster.nodes[index]!.nbd.replace(/\/[^/]*$/, `/${volume}`) : cluster.nodes[index]!.nbd);
+  const qemuIo = (index: number, command: string, volume?: string) => runOk('qemu-io', ['-f', 'raw', '-c', command, uri(index, volume)]);
+  const replicated = async (index: number, name = cluster.volume): Promise<ReplicatedStatus | undefined> => {
+    const response = await fetch(`${cluster.nodes[index]!.admin}/v1/status`);
+    const status = (await response.json()) as { replicatedVolumes: ReplicatedStatus[] };
+    return status.replicatedVolumes.find((v) => v.name === name);
+  };
+  const record = async (name = cluster.volume): Promise<VolumeRecord> => {
+    const current = await coordinator.getVolumeRecord(name);
+    assert.ok(current, `no record for ${name}`);
+    return current;
+  };
+  /** Every node runs the volume at the record's epoch with all three in sync (the opening rejoins are done). */
+  const settled = async (name = cluster.volume): Promise<VolumeRecord> => {
+    await waitUntil(async () => {
+      const current = await coordinator.getVolumeRecord(name);
+      if (!current || current.inSync.length !== 3) return false;
+      const views = await Promise.all([0, 1, 2].map((index) => replicated(index, name)));
+      return views.every((view) => view?.epoch === current.epoch && view.fence === null);
+    }, { timeoutMs: 15_000, what: `volume ${name} to settle on every node` });
+    return record(name);
+  };
+
+  before(async () => {
+    cluster = await startUp({ nodes: 3, size: '64MiB', extraArgs: ['--lease-ttl', String(LEASE_TTL_MS), '--failure-timeout', String(FAILURE_TIMEOUT_MS)] });
+    coordinator = await createCoordinator(`embedded://${cluster.dir}/coordinator`, { logger: createLogger({ level: 'error' }) });
+  });
+  after(async () => {
+    await coordinator?.close();
+    await cluster?.stop();
+  });
+
+  it('SIGKILL n3 during fio writes through n1: writes complete once n3 is removed (epoch + 1), and n1 and n2 return the data', withServerLog(log, async (t) => {
+    const start = await settled();
+    await qemuIo(0, 'write -P 0xd1 0 1M');
+    const port = Number(new URL(cluster.nodes[0]!.nbd).port);
+    const client = await NbdClient.connect({ host: '127.0.0.1', port }, { exportName: cluster.volume });
+    try {
+      // fio writes 6 MiB at 3 MiB/s through n1 and verifies it at the end: it runs across the kill.
+      const fio = fioNbd(cluster.nodes[0]!.nbd, [
+        '--name=during-kill', '--rw=write', '--bs=64k', '--iodepth=4', `--offset=${32 * MiB}`, '--size=6M', '--rate=3m',
+        '--verify=crc32c', '--do_verify=1', '--verify_fatal=1',
+      ]);
+      await sleep(500);
+      const killedAtMs = performance.now();
+      await cluster.kill(2);
+      // A write submitted right after the kill: its completion is the first one that needed n3 gone.
+      const probe = Buffer.alloc(64 * 1024, 0xd2);
+      await client.write(2 * MiB, probe);
+      const firstWriteMs = Math.round(performance.now() - killedAtMs);
+      t.diagnostic(`kill -> first completed write: ${firstWriteMs} ms (lease TTL ${LEASE_TTL_MS} ms, failure timeout ${FAILURE_TIMEOUT_MS} ms)`);
+      // Not before n3's lease could have run out: writes waited for n3 while it might still serve.
+      assert.ok(firstWriteMs < 4 * LEASE_TTL_MS + 2000, `first write after ${firstWriteMs} ms`);
+      const report = await fio;
+      assert.equal(report.jobs[0]!.error, 0);
+
+      const after = await record();
+      assert.equal(after.epoch, start.epoch + 1, 'one epoch-incrementing CAS removed n3');
+      assert.deepEqual(after.inSync, ['n1', 'n2']);
+      assert.deepEqual(after.replicas, ['n1', 'n2', 'n3']);
+      assert.equal(after.arbiter, start.arbiter, 'the arbiter stays while it is in sync');
+      assert.match(log(), /removed a member from the in-sync set volume=vol0 member=n3 epoch=\d+ inSync=n1,n2 arbiter=n1 reason="n3 silent for \d+ ms \(failure timeout 500 ms\) and its lease is gone"/);
+
+      await waitUntil(async () => (await replicated(1))?.epoch === after.epoch, { timeoutMs: 5000, what: 'n2 to adopt the new epoch' });
+      for (const index of [0, 1]) {
+        const view = (await replicated(index))!;
+        assert.deepEqual(view.inSync, ['n1', 'n2']);
+        assert.equal(view.degraded, true);
+        assert.deepEqual(view.replicaStates.map((r) => `${r.node}:${r.state}`), ['n1:in-sync', 'n2:in-sync', 'n3:out-of-sync']);
+        await qemuIo(index, 'read -P 0xd1 0 1M');
+        await qemuIo(index, `read -P 0xd2 ${2 * MiB} 64k`);
+      }
+      // What fio wrote across the kill reads back the same through both survivors.
+      const viaN1 = await client.read(32 * MiB, 6 * MiB);
+      const n2 = await NbdClient.connect({ host: '127.0.0.1', port: Number(new URL(cluster.nodes[1]!.nbd).port) }, { exportName: cluster.volume });
+      try {
+        assert.equal(sha256(await n2.read(32 * MiB, 6 * MiB)), sha256(viaN1));
+      } finally {
+        await n2.disconnect();
+      }
+    } finally {
+      await client.disconnect().catch(() => undefined);
+    }
+  }));
+
+  it('restarted after the SIGKILL, n3 reports itself out of sync and refuses I/O instead of serving stale data', withServerLog(log, async () => {
+    await cluster.restart(2);
+    const view = await replicated(2);
+    assert.ok(view, 'n3 opened the volume');
+    assert.deepEqual(view.replicaStates.map((r) => `${r.node}:${r.state}`), ['n1:in-sync', 'n2:in-sync', 'n3:out-of-sync']);
+    assert.match(view.fence ?? '', /n3 is not in the in-sync set/);
+    const read = await run('qemu-io', ['-f', 'raw', '-c', `read -P 0xd2 ${2 * MiB} 64k`, uri(2)]);
+    assert.notEqual(read.code, 0, `a read through n3 is refused: ${read.stdout}`);
+    const write = await run('qemu-io', ['-f', 'raw', '-c', `write -P 0xee ${3 * MiB} 64k`, uri(2)]);
+    assert.notEqual(write.code, 0, `a write through n3 is refused: ${write.stdout}`);
+    const table = await runOk(process.execPath, [CLI_PATH, 'status', '--admin', cluster.nodes[2]!.admin]);
+    assert.match(table.stdout, /n3 is OUT OF SYNC and fenced/, table.stdout);
+    assert.match(table.stdout, /DEGRADED, out of sync: n3 \(writes continue on the in-sync replicas\)/, table.stdout);
+    // The survivors are unaffected by n3's return: still writable, n3 still out of the set.
+    await qemuIo(0, `write -P 0xd3 ${4 * MiB} 64k`);
+    await qemuIo(1, `read -P 0xd3 ${4 * MiB} 64k`);
+    assert.deepEqual((await record()).inSync, ['n1', 'n2']);
+  }));
+
+  it('a strict volume refuses writes while a replica is out of sync, with a clear error; the relaxed one goes on', withServerLog(log, async () => {
+    await runOk(process.execPath, [CLI_PATH, 'volume', 'create', 'strict1', '--size', '16MiB', '--replicas', '3', '--strict', '--dir', cluster.dir]);
+    await settled('strict1');
+    await qemuIo(0, 'write -P 0xe1 0 64k', 'strict1');
+    await cluster.kill(2);
+    await waitUntil(async () => (await record('strict1')).inSync.length === 2, { timeoutMs: 10_000, what: 'n3 to leave the in-sync set of strict1' });
+    await waitUntil(async () => (await replicated(0, 'strict1'))?.inSync.length === 2, { timeoutMs: 5000, what: 'n1 to adopt it' });
+    const refused = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xe2 0 64k', uri(0, 'strict1')]);
+    assert.notEqual(refused.code, 0, 'a strict volume refuses a write while n3 is out of sync');
+    assert.match(refused.stdout + refused.stderr, /Operation not permitted/);
+    // The reason travels in the NBD structured error reply.
+    const client = await NbdClient.connect({ host: '127.0.0.1', port: Number(new URL(cluster.nodes[0]!.nbd).port) }, { exportName: 'strict1' });
+    try {
+      await assert.rejects(client.write(0, Buffer.alloc(4096, 0xe2)), /strict and only 2 of 3 replicas are in sync \(n1,n2\): writes are refused until every replica is back/);
+    } finally {
+      await client.disconnect();
+    }
+    const table = await runOk(process.execPath, [CLI_PATH, 'status', '--admin', cluster.nodes[0]!.admin]);
+    assert.match(table.stdout, /strict1: DEGRADED, out of sync: n3 \(strict: writes are refused until every replica is back\)/, table.stdout);
+    // Reads still work, and the data written before is intact.
+    await qemuIo(1, 'read -P 0xe1 0 64k', 'strict1');
+    // vol0 (not strict) still takes writes with n3 gone again.
+    await qemuIo(0, `write -P 0xd4 ${5 * MiB} 64k`);
+  }));
+
+  it('a paused node (SIGSTOP past its lease) is removed, and when it resumes it refuses reads at once instead of serving stale data', withServerLog(log, async (t) => {
+    // n3 back (out of sync, but reachable: n1 keeps a majority of links while n2 is frozen).
+    await cluster.restart(2);
+    const n2Port = Number(new URL(cluster.nodes[1]!.nbd).port);
+    const n2Client = await NbdClient.connect({ host: '127.0.0.1', port: n2Port }, { exportName: cluster.volume });
+    try {
+      await n2Client.read(0, 4096);
+      const before = await record();
+      assert.deepEqual(before.inSync, ['n1', 'n2']);
+      process.kill(cluster.nodes[1]!.pid, 'SIGSTOP');
+      const stoppedAtMs = performance.now();
+      try {
+        // Through n1 a write completes once n2's lease ran out and n2 was removed.
+        await qemuIo(0, `write -P 0xf1 ${6 * MiB} 64k`);
+        t.diagnostic(`SIGSTOP n2 -> write through n1 completed: ${Math.round(performance.now() - stoppedAtMs)} ms`);
+        const after = await record();
+        assert.equal(after.epoch, before.epoch + 1);
+        assert.deepEqual(after.inSync, ['n1']);
+        assert.equal(after.arbiter, 'n1');
+      } finally {
+        process.kill(cluster.nodes[1]!.pid, 'SIGCONT');
+      }
+      // The first request after the pause: the lease is over, so n2 must not answer from its
+      // copy (which lacks 0xf1), even before its timers have run.
+      await assert.rejects(n2Client.read(6 * MiB, 64 * 1024), 'n2 refuses a read right after resuming');
+    } finally {
+      await n2Client.disconnect().catch(() => undefined);
+    }
+    await waitUntil(async () => (await replicated(1))?.replicaStates.find((r) => r.node === 'n2')?.state === 'out-of-sync', { timeoutMs: 10_000, what: 'n2 to see itself out of sync' });
+    const read = await run('qemu-io', ['-f', 'raw', '-c', `read -P 0xf1 ${6 * MiB} 64k`, uri(1)]);
+    assert.notEqual(read.code, 0, 'n2 keeps refusing reads once it re-registered: it is out of sync');
+    assert.match(log(), /lost the coordinator lease: fencing replicated volumes/);
+    await qemuIo(0, `read -P 0xf1 ${6 * MiB} 64k`);
+  }));
+});
