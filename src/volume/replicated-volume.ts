@@ -579,6 +579,8 @@ export class ReplicatedVolume implements BlockDevice {
       sources,
       store: { stamp: store.stamp, checkpointStamp: store.checkpointStamp, ownSequence: store.ownSequence, allocatedBytes: store.allocatedBytes, checkpoints: store.checkpoints },
       counters: { ...this.counters },
+      replicaState: this.replicaState,
+      catchingUp: [...(this.membership.catchingUp ?? [])],
       catchUp: this.catchUpDriver ? { ...this.catchUpDriver.progressValue } : null,
       failure: this.failure ? { code: this.failure.code, message: this.failure.message } : null,
     };
@@ -978,17 +980,18 @@ export class ReplicatedVolume implements BlockDevice {
   private adoptCatchUpState(previous: ReplicaMembership | undefined): void {
     const catching = (this.membership.catchingUp ?? []).includes(this.self);
     const wasCatching = previous !== undefined && (previous.catchingUp ?? []).includes(this.self);
+    // A stream may jump past a gap while either end catches up: this replica's targets skip
+    // what writers wrote before it joined, and a joining peer's stream skips what it wrote and
+    // never had acknowledged before it went away (see the source's floors).
+    for (const [peer, target] of this.targets) target.allowRebase(catching || (this.membership.catchingUp ?? []).includes(peer));
     if (!catching) {
       if (this.catchUpDriver && !this.catchUpDriver.isStopped) {
         this.catchUpDriver.stop();
         this.logger.info('catch-up ended', { state: this.replicaState, epoch: this.membership.epoch });
       }
-      for (const target of this.targets.values()) target.allowRebase(false);
       return;
     }
     if (wasCatching && this.catchUpDriver && !this.catchUpDriver.isStopped) return; // still under way
-    // Joining now: every writer starts this replica's stream at its floor (see the source).
-    for (const target of this.targets.values()) target.allowRebase(true);
     const access = this.catchUpAccess;
     if (!access) {
       this.logger.warn('catching up, but this volume has no way to reach its peers');

@@ -231,13 +231,27 @@ export class ReplicationSource {
     }
     this.epochValue = epoch;
     const joining = new Set(catchingUp.filter((node) => node !== this.self));
+    // This node itself catching up: what it wrote before (never acknowledged to a client in
+    // sync mode, and overwritten by its catch-up) is not owed to anyone: every peer's stream
+    // of ours starts at our floor too.
+    const selfJoining = catchingUp.includes(this.self);
     const members = new Set([...inSync.filter((node) => node !== this.self), ...joining]);
     for (const peer of [...this.peers.keys()]) if (!members.has(peer)) this.peers.delete(peer);
+    for (const state of this.peers.values()) {
+      if (!selfJoining || state.joinFloor !== undefined) continue;
+      state.joinFloor = this.lastSeq;
+      state.ackedSeq = Math.max(state.ackedSeq, this.lastSeq);
+      state.syncAckedSeq = Math.max(state.syncAckedSeq, this.lastSeq);
+      state.checkpointAckedSeq = Math.max(state.checkpointAckedSeq, this.lastSeq);
+      // Its next ACK (peers re-announce at every epoch change and link-up) positions it at the floor.
+      this.unposition(state);
+    }
     for (const peer of members) {
       if (this.peers.has(peer)) continue;
       // A new member's position is unknown until it ACKs (it does on every linkUp). A joining
       // one owes nothing up to its floor: writes in flight now do not wait for it.
-      const owed = joining.has(peer) ? this.lastSeq : 0;
+      const floored = joining.has(peer) || selfJoining;
+      const owed = floored ? this.lastSeq : 0;
       this.peers.set(peer, {
         linkUp: this.linksUp.has(peer),
         positioned: false,
@@ -248,7 +262,7 @@ export class ReplicationSource {
         syncSentSeq: 0,
         checkpointSentSeq: 0,
         stranded: false,
-        joinFloor: joining.has(peer) ? this.lastSeq : undefined,
+        joinFloor: floored ? this.lastSeq : undefined,
       });
     }
     // A member that left no longer holds back completions or the window.
