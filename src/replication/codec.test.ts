@@ -80,6 +80,8 @@ const SAMPLES: ReplicationMessage[] = [
   { type: 'WRITE', volume: longName, epoch: MAX_U64, source: longName, sequence: MAX_U64, entryType: ENTRY_TYPE.WRITE, offset: 0, lengthBytes: 1, payload: Buffer.from([0x4d]) },
   { type: 'WRITE', volume: 'vol0', epoch: 0, source: 'n2', sequence: 2, entryType: ENTRY_TYPE.ZERO, offset: 2 ** 40, lengthBytes: 2 ** 30, payload: Buffer.alloc(0) },
   { type: 'WRITE', volume: 'vol0', epoch: 1, source: 'n2', sequence: 3, entryType: ENTRY_TYPE.TRIM, offset: MAX_U64 - 1, lengthBytes: 1, payload: Buffer.alloc(0) },
+  // The first frame after a catch-up floor: the restart marker rides in the entry type byte.
+  { type: 'WRITE', volume: 'vol0', epoch: 4, source: 'n3', sequence: 70, entryType: ENTRY_TYPE.ZERO, offset: 8192, lengthBytes: 4096, payload: Buffer.alloc(0), restartsStream: true },
   { type: 'ACK', volume: 'vol0', epoch: 3, source: 'n1', sequence: 0 },
   { type: 'SYNC', volume: 'vol0', epoch: 3, source: 'n1', sequence: 17 },
   { type: 'SYNC_ACK', volume: 'vol0', epoch: 3, source: 'n1', sequence: MAX_U64 },

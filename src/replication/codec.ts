@@ -115,7 +115,17 @@ export interface WriteMessage {
    * copy it to keep it long, unless the decoder handed it over (util/payload-copy.ts).
    */
   payload: Buffer;
+  /**
+   * The first frame after the source moved this destination's stream past a gap it will never
+   * send (catch-up: the skipped entries are covered by the catch-up copy). Only a frame so
+   * marked may rebase a catching-up destination's stream; any other gap is an error. On the
+   * wire: bit 7 of the entry type byte.
+   */
+  restartsStream?: boolean;
 }
+
+/** Bit of the WRITE frame's entry type byte that carries WriteMessage.restartsStream. */
+const ENTRY_TYPE_RESTART_BIT = 0x80;
 
 export type SequenceMessageType = 'ACK' | 'SYNC' | 'SYNC_ACK' | 'CHECKPOINT' | 'CHECKPOINT_ACK';
 /** ACK is cumulative (every sequence up to it was received); SYNC asks for durability up to it. */
@@ -317,7 +327,7 @@ function encodeFields(message: ReplicationMessage): Buffer {
       w.u64(message.sequence, 'sequence');
       w.u64(message.offset, 'offset');
       w.u64(message.lengthBytes, 'lengthBytes');
-      w.u8(message.entryType);
+      w.u8(message.entryType | (message.restartsStream === true ? ENTRY_TYPE_RESTART_BIT : 0));
       w.u8(volume.length);
       w.u8(source.length);
       w.bytes(volume);
@@ -481,7 +491,9 @@ function decodeWrite(meta: Buffer, payload: Buffer): WriteMessage {
   const sequence = r.u64('sequence');
   const offset = r.u64('offset');
   const lengthBytes = r.u64('lengthBytes');
-  const entryType = wireEntryType(r.u8('entry type'));
+  const typeByte = r.u8('entry type');
+  const restartsStream = (typeByte & ENTRY_TYPE_RESTART_BIT) !== 0;
+  const entryType = wireEntryType(typeByte & ~ENTRY_TYPE_RESTART_BIT);
   const volumeLength = r.u8('volume length');
   const sourceLength = r.u8('source length');
   if (volumeLength > NAME_BYTES_MAX || sourceLength > NAME_BYTES_MAX) throw badFrame(`WRITE names longer than ${NAME_BYTES_MAX} bytes`);
@@ -493,7 +505,9 @@ function decodeWrite(meta: Buffer, payload: Buffer): WriteMessage {
   if (payload.length !== expectedPayload) {
     throw badFrame(`WRITE entry type ${entryType} lengthBytes ${lengthBytes} carries a ${payload.length}-byte payload`);
   }
-  return { type: 'WRITE', volume, epoch, source, sequence, entryType, offset, lengthBytes, payload };
+  const message: WriteMessage = { type: 'WRITE', volume, epoch, source, sequence, entryType, offset, lengthBytes, payload };
+  if (restartsStream) message.restartsStream = true;
+  return message;
 }
 
 function decodeBody(type: Exclude<MessageType, 'WRITE'>, body: Buffer): ReplicationMessage {

@@ -265,7 +265,10 @@ test('a catching-up member owes nothing before it joined, then gets and acknowle
   core.linkUp('c', true);
   assert.deepEqual(trace(core.receive('c', ack('ACK', 1, 3))), []);
   const next = data();
-  assert.deepEqual(trace(core.write(next)), ['append 6', 'b:WRITE 6', 'c:WRITE 6']);
+  const sent = core.write(next);
+  assert.deepEqual(trace(sent), ['append 6', 'b:WRITE 6', 'c:WRITE 6']);
+  const restartMarks = sent.flatMap((effect) => (effect.kind === 'send' && effect.message.type === 'WRITE' ? [`${effect.peer}:${effect.message.restartsStream === true}`] : []));
+  assert.deepEqual(restartMarks, ['b:false', 'c:true'], 'the first frame after the jump says the stream restarts');
   core.localApplied(6);
   core.receive('b', ack('ACK', 6, 3));
   assert.deepEqual(trace(core.receive('c', ack('ACK', 6, 3))), [`complete #${next.operationId}`], 'new writes wait for c');

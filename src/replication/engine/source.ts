@@ -144,6 +144,8 @@ interface PeerState {
    * is moved up to here (its catch-up copies what came before; its target rebases its stream).
    */
   joinFloor: number | undefined;
+  /** The next WRITE is the first after a jump to the floor: it carries restartsStream. */
+  restartPending: boolean;
 }
 
 interface PendingWrite {
@@ -263,6 +265,7 @@ export class ReplicationSource {
         checkpointSentSeq: 0,
         stranded: false,
         joinFloor: floored ? this.lastSeq : undefined,
+        restartPending: false,
       });
     }
     // A member that left no longer holds back completions or the window.
@@ -409,6 +412,7 @@ export class ReplicationSource {
     state.positioned = true;
     // A joining member starts at its floor: what came before is its catch-up's to copy.
     const sequence = state.joinFloor !== undefined && reported < state.joinFloor ? state.joinFloor : reported;
+    state.restartPending = sequence !== reported;
     // It may have restarted below what it acknowledged before (memory lost): those
     // acknowledgements no longer hold, pending operations wait for the resend.
     state.ackedSeq = sequence;
@@ -544,21 +548,22 @@ export class ReplicationSource {
     const epoch = this.epochValue;
     while (state.nextToSend <= this.lastSeq) {
       const entry = this.entryAt(state.nextToSend);
-      effects.push({
-        kind: 'send',
-        peer,
-        message: {
-          type: 'WRITE',
-          volume: this.volume,
-          epoch,
-          source: this.self,
-          sequence: entry.sequence,
-          entryType: entry.entryType,
-          offset: entry.offset,
-          lengthBytes: entry.lengthBytes,
-          payload: entry.payload,
-        },
-      });
+      const message: WriteMessage = {
+        type: 'WRITE',
+        volume: this.volume,
+        epoch,
+        source: this.self,
+        sequence: entry.sequence,
+        entryType: entry.entryType,
+        offset: entry.offset,
+        lengthBytes: entry.lengthBytes,
+        payload: entry.payload,
+      };
+      if (state.restartPending) {
+        message.restartsStream = true;
+        state.restartPending = false;
+      }
+      effects.push({ kind: 'send', peer, message });
       state.nextToSend++;
     }
     // Control frames go after the writes they cover, on the same FIFO link.

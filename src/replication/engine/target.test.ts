@@ -151,11 +151,12 @@ test('a frame of another stream is refused', () => {
   assert.deepEqual(trace(core.receive({ ...write(1), volume: 'other' })), ['refused REPL_BAD_FRAME']);
 });
 
-test('catching up: a gap is a rebase (nothing taken), the stream then continues after it; without allowRebase it is a resync', () => {
+test('catching up: a gap the source marks as a stream restart is a rebase (nothing taken), the stream then continues after it; without allowRebase it is a resync', () => {
   const core = target({}, { durableSequence: 5, checkpointSequence: 3 });
   assert.deepEqual(trace(core.receive(write(40))), ['resync']);
   core.allowRebase(true);
-  assert.deepEqual(trace(core.receive(write(40))), ['rebase 39']);
+  assert.deepEqual(trace(core.receive(write(40))), ['resync'], 'a gap the source did not mark is a lost frame, never a rebase');
+  assert.deepEqual(trace(core.receive({ ...write(40), restartsStream: true })), ['rebase 39']);
   assert.equal(core.receivedSequence, 5, 'the rebase frame changed nothing yet');
   assert.deepEqual(trace(core.rebased(39)), ['ACK 39', 'SYNC_ACK 39', 'CHECKPOINT_ACK 39']);
   assert.deepEqual(trace(core.receive(write(40))), ['apply 40', 'ACK 40']);

@@ -32,7 +32,7 @@ export interface TargetLimits {
 }
 
 export const DEFAULT_TARGET_LIMITS: Readonly<TargetLimits> = Object.freeze({
-  partitionEntriesMax: 4096,
+  partitionEntriesMax: Number(process.env.MS_PART ?? 4096),
   partitionBytesMax: 32 * 1024 * 1024,
   pendingSyncsMax: 4096,
 });
@@ -265,7 +265,8 @@ export class ReplicationTarget {
   private receiveWrite(message: WriteMessage): TargetEffect[] {
     if (message.sequence < this.expected) return [this.ack('ACK', this.expected - 1)];
     if (message.sequence > this.expected) {
-      if (this.rebaseAllowed) return [{ kind: 'rebase', throughSequence: message.sequence - 1 }];
+      // Only where the source says it restarted the stream: any other gap is a lost frame.
+      if (this.rebaseAllowed && message.restartsStream === true) return [{ kind: 'rebase', throughSequence: message.sequence - 1 }];
       return [{ kind: 'resyncNeeded', reason: `WRITE ${message.sequence} from ${this.source} where ${this.expected} was expected` }];
     }
     const entry: TargetEntry = {
