@@ -70,6 +70,8 @@ export const MESSAGE_TYPE = {
   RELEASE: 0x23,
   PING: 0x30,
   PONG: 0x31,
+  REGION_REQUEST: 0x40,
+  REGION_REPLY: 0x41,
   ERROR: 0x3f,
 } as const;
 export type MessageType = keyof typeof MESSAGE_TYPE;
@@ -157,6 +159,39 @@ export interface PongMessage {
   timestampMs: number;
 }
 
+/** Largest REGION_REPLY data: one catch-up chunk's bytes, or the digests of many chunks. */
+export const REGION_DATA_MAX_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Catch-up (docs/replication.md): a replica catching up asks an in-sync peer for the digests of
+ * consecutive chunks of a range (`digests`), or for a range's bytes (`read`), on the link it
+ * dialled; the answer comes back on the same connection, matched by `requestId`.
+ */
+export interface RegionRequestMessage {
+  type: 'REGION_REQUEST';
+  volume: string;
+  epoch: number;
+  requestId: number;
+  kind: 'digests' | 'read';
+  offset: number;
+  lengthBytes: number;
+  /** digests: the chunk size; read: 0. */
+  chunkBytes: number;
+}
+
+export interface RegionReplyMessage {
+  type: 'REGION_REPLY';
+  volume: string;
+  epoch: number;
+  requestId: number;
+  /** True: `data` holds the answer (digests: 16 bytes per chunk; read: the bytes). False: `data` is an error text. */
+  ok: boolean;
+  data: Buffer;
+}
+
+const REGION_KIND_DIGESTS = 1;
+const REGION_KIND_READ = 2;
+
 export interface ErrorMessage {
   type: 'ERROR';
   /** A MirrorsanError code (a peer running a newer version may send one this node does not know). */
@@ -179,10 +214,12 @@ export type ReplicationMessage =
   | GrantMessage<'RELEASE'>
   | PingMessage
   | PongMessage
+  | RegionRequestMessage
+  | RegionReplyMessage
   | ErrorMessage;
 
 /** Messages that name a volume and an epoch: the receiver refuses them when the epoch is stale. */
-export type VolumeMessage = WriteMessage | SequenceMessage | GrantMessage;
+export type VolumeMessage = WriteMessage | SequenceMessage | GrantMessage | RegionRequestMessage | RegionReplyMessage;
 
 export function isVolumeMessage(message: ReplicationMessage): message is VolumeMessage {
   return 'volume' in message;
@@ -222,6 +259,8 @@ const BODY_BYTES: Record<MessageType, { min: number; max: number }> = (() => {
     RELEASE: grant,
     PING: time,
     PONG: time,
+    REGION_REQUEST: { min: 8 + 8 + 1 + 8 + 8 + 4 + NAME_MIN_BYTES, max: 8 + 8 + 1 + 8 + 8 + 4 + NAME_MAX_BYTES },
+    REGION_REPLY: { min: 8 + 8 + 1 + 4 + NAME_MIN_BYTES, max: 8 + 8 + 1 + 4 + NAME_MAX_BYTES + REGION_DATA_MAX_BYTES },
     ERROR: { min: NAME_MIN_BYTES + 2, max: NAME_MAX_BYTES + 2 + ERROR_MESSAGE_BYTES_MAX },
   };
 })();
@@ -269,6 +308,9 @@ class BodyWriter {
   }
   u16(value: number): void {
     this.at = this.buffer.writeUInt16BE(value, this.at);
+  }
+  u32(value: number): void {
+    this.at = this.buffer.writeUInt32BE(value, this.at);
   }
   u64(value: number, what: string): void {
     assert(isU64(value), `${what} must be an integer in [0, 2^53): ${value}`);
@@ -364,6 +406,31 @@ function encodeFields(message: ReplicationMessage): Buffer {
     case 'PONG':
       start(8).u64(message.timestampMs, 'timestampMs');
       break;
+    case 'REGION_REQUEST': {
+      const volume = nameBytes(message.volume, 'volume');
+      assert(Number.isSafeInteger(message.chunkBytes) && message.chunkBytes >= 0 && message.chunkBytes < TWO_POW_32, 'chunkBytes must fit 32 bits');
+      const w = start(8 + 8 + 1 + 8 + 8 + 4 + 1 + volume.length);
+      w.u64(message.epoch, 'epoch');
+      w.u64(message.requestId, 'requestId');
+      w.u8(message.kind === 'digests' ? REGION_KIND_DIGESTS : REGION_KIND_READ);
+      w.u64(message.offset, 'offset');
+      w.u64(message.lengthBytes, 'lengthBytes');
+      w.u32(message.chunkBytes);
+      w.name(volume);
+      break;
+    }
+    case 'REGION_REPLY': {
+      const volume = nameBytes(message.volume, 'volume');
+      assert(message.data.length <= REGION_DATA_MAX_BYTES, `REGION_REPLY data over ${REGION_DATA_MAX_BYTES} bytes`);
+      const w = start(8 + 8 + 1 + 4 + 1 + volume.length + message.data.length);
+      w.u64(message.epoch, 'epoch');
+      w.u64(message.requestId, 'requestId');
+      w.u8(message.ok ? 1 : 0);
+      w.u32(message.data.length);
+      w.name(volume);
+      w.bytes(message.data);
+      break;
+    }
     case 'ERROR': {
       const code = nameBytes(message.code, 'code');
       const text = messageBytes(message.message);
@@ -438,6 +505,12 @@ class BodyReader {
     this.need(2, what);
     const value = this.buffer.readUInt16BE(this.at);
     this.at += 2;
+    return value;
+  }
+  u32(what: string): number {
+    this.need(4, what);
+    const value = this.buffer.readUInt32BE(this.at);
+    this.at += 4;
     return value;
   }
   u64(what: string): number {
@@ -552,6 +625,28 @@ function decodeBody(type: Exclude<MessageType, 'WRITE'>, body: Buffer): Replicat
     case 'PONG':
       message = { type, timestampMs: r.u64('timestampMs') };
       break;
+    case 'REGION_REQUEST': {
+      const epoch = r.u64('epoch');
+      const requestId = r.u64('requestId');
+      const kindByte = r.u8('kind');
+      if (kindByte !== REGION_KIND_DIGESTS && kindByte !== REGION_KIND_READ) throw badFrame(`REGION_REQUEST of unknown kind ${kindByte}`);
+      const offset = r.u64('offset');
+      const lengthBytes = r.u64('lengthBytes');
+      const chunkBytes = r.u32('chunkBytes');
+      const volume = r.name('volume');
+      message = { type, volume, epoch, requestId, kind: kindByte === REGION_KIND_DIGESTS ? 'digests' : 'read', offset, lengthBytes, chunkBytes };
+      break;
+    }
+    case 'REGION_REPLY': {
+      const epoch = r.u64('epoch');
+      const requestId = r.u64('requestId');
+      const ok = r.u8('status') === 1;
+      const length = r.u32('data length');
+      if (length > REGION_DATA_MAX_BYTES) throw badFrame(`REGION_REPLY data longer than ${REGION_DATA_MAX_BYTES} bytes`);
+      const volume = r.name('volume');
+      message = { type, volume, epoch, requestId, ok, data: r.copy(length, 'data') };
+      break;
+    }
     case 'ERROR': {
       const code = r.name('code');
       const length = r.u16('message length');

@@ -330,10 +330,9 @@ test('[catch-up] a member that missed writes joins as catching up, copies what d
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
   t.after(() => fs.rmSync(root, { recursive: true, force: true }));
   let caughtUpAt: number | undefined;
-  const loop = await openCluster(root, 64 * 1024, 'sync', (self, cluster) => ({
-    digests: (peer, offset, length, chunkBytes) => cluster.volumes.get(peer)!.digests(offset, length, chunkBytes),
-    read: async (peer, offset, length) => readBytes(cluster.volumes.get(peer)!, offset, length),
-    caughtUp: async (epoch) => {
+  // Digests and bytes come from the peers over the (in-memory) replication links.
+  const loop = await openCluster(root, 64 * 1024, 'sync', (self) => ({
+    caughtUp: async (epoch: number) => {
       assert.equal(self, 'n3');
       caughtUpAt = epoch;
     },

@@ -44,7 +44,7 @@ import { Arbiter, type ArbiterEffect } from '../policing/arbiter.js';
 import { Holder, type HolderEffect } from '../policing/holder.js';
 import { fromWireGrantMessage, policingRecipient, toWireGrantMessage, type PolicingMessage } from '../policing/messages.js';
 import { regionCount, regionsOf, validateRegionSize } from '../policing/regions.js';
-import { WRITE_PAYLOAD_MAX_BYTES, type GrantMessage, type WireEntryType } from '../replication/codec.js';
+import { WRITE_PAYLOAD_MAX_BYTES, type GrantMessage, type RegionRequestMessage, type WireEntryType } from '../replication/codec.js';
 import { ReplicationSource, type OperationResult, type ReplicationMode, type SourceEffect, type SourceLimits } from '../replication/engine/source.js';
 import { ReplicationTarget, type TargetEffect } from '../replication/engine/target.js';
 import type { PeerMessage } from '../replication/peer-link.js';
@@ -74,6 +74,12 @@ const CHECKPOINT_COVER_ATTEMPTS_MAX = 4;
 export const WRITE_REGIONS_MAX = 256;
 /** Region size when none is given: the whole volume is one region (single-writer mode). */
 const SINGLE_REGION = 0;
+/** A catch-up request a peer leaves unanswered this long fails (the batch is retried). */
+const REGION_REQUEST_TIMEOUT_MS = 10_000;
+/** Catch-up requests in flight at once (the driver has one batch out at a time). */
+const REGION_REQUESTS_MAX = 64;
+/** A chunk digest on the wire: catchUpDigest's 32 hex digits as 16 bytes. */
+const DIGEST_WIRE_BYTES = 16;
 
 /** The coordinator's record for the volume, as this node opened it. */
 export interface ReplicaMembership {
@@ -132,11 +138,11 @@ export interface ReplicatedVolumeOptions {
   /** Local store checkpoint period; 0 disables the timer (close still checkpoints). */
   checkpointIntervalMs?: number;
   /**
-   * How this replica reads from its peers when it catches up (the node supplies it), and what
-   * it does once it has copied everything (a CAS into the in-sync set). Without it a replica
-   * outside the in-sync set stays fenced.
+   * What this replica does once its catch-up copied everything (a CAS into the in-sync set),
+   * and the copy rate limit (bytes/s, 0 or absent: unlimited). Without it a replica outside the
+   * in-sync set stays fenced. Peers are asked over the replication links (REGION_REQUEST).
    */
-  catchUp?: CatchUpPeerAccess & { caughtUp(epoch: number): Promise<void>; rateBytesPerSec?: number };
+  catchUp?: { caughtUp(epoch: number): Promise<void>; rateBytesPerSec?: number; peerAccess?: CatchUpPeerAccess };
   /** VolumeSpec.strict: refuse writes while fewer replicas than the record's are in sync. */
   strict?: boolean;
   /**
@@ -197,6 +203,9 @@ export class ReplicatedVolume implements BlockDevice {
   private catchUpDriver: CatchUpDriver | undefined;
   /** Frames of a source held back while its stream is rebased (catch-up), in arrival order. */
   private readonly pausedInbound = new Map<string, PeerMessage[]>();
+  /** This replica's unanswered REGION_REQUESTs (catch-up), by request id. */
+  private readonly regionRequests = new Map<number, { peer: string; resolve: (data: Buffer) => void; reject: (error: Error) => void; timer: NodeJS.Timeout }>();
+  private nextRegionRequestId = 1;
   /** runSource is performing a batch; source effects produced meanwhile wait here, in order. */
   private performingSourceEffects = false;
   private readonly nestedSourceEffects: (readonly SourceEffect[])[] = [];
@@ -482,6 +491,18 @@ export class ReplicatedVolume implements BlockDevice {
       case 'RELEASE':
         this.receivePolicing(peer, fromWireGrantMessage(message));
         return;
+      case 'REGION_REQUEST':
+        void this.answerRegionRequest(peer, message);
+        return;
+      case 'REGION_REPLY': {
+        const request = this.regionRequests.get(message.requestId);
+        if (!request || request.peer !== peer) return; // timed out, or not ours
+        this.regionRequests.delete(message.requestId);
+        clearTimeout(request.timer);
+        if (message.ok) request.resolve(message.data);
+        else request.reject(new MirrorsanError('NBD_EIO', `${peer}: ${message.data.toString('utf8')}`));
+        return;
+      }
       case 'ERROR':
         this.logger.warn('peer reported an error', { peer, code: message.code, message: message.message });
         return;
@@ -600,6 +621,11 @@ export class ReplicatedVolume implements BlockDevice {
     this.closed = true;
     this.catchUpDriver?.stop();
     this.pausedInbound.clear();
+    for (const request of this.regionRequests.values()) {
+      clearTimeout(request.timer);
+      request.reject(new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closing`));
+    }
+    this.regionRequests.clear();
     const closing = new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closing`);
     for (const operation of this.pending.values()) operation.reject(closing);
     this.pending.clear();
@@ -992,11 +1018,12 @@ export class ReplicatedVolume implements BlockDevice {
       return;
     }
     if (wasCatching && this.catchUpDriver && !this.catchUpDriver.isStopped) return; // still under way
-    const access = this.catchUpAccess;
-    if (!access) {
-      this.logger.warn('catching up, but this volume has no way to reach its peers');
+    const options = this.catchUpAccess;
+    if (!options) {
+      this.logger.warn('catching up, but this volume was opened without catch-up: it stays out of sync');
       return;
     }
+    const access = options.peerAccess ?? this.linkPeerAccess();
     const regionChunk = Math.min(this.regionSizeBytes, CATCH_UP_CHUNK_BYTES_MAX);
     const driver = new CatchUpDriver(
       {
@@ -1007,17 +1034,72 @@ export class ReplicatedVolume implements BlockDevice {
         sourcesOfTruth: () => this.membership.inSync.filter((node) => node !== this.self),
       },
       access,
-      { chunkBytes: regionChunk, rateBytesPerSec: access.rateBytesPerSec ?? 0, logger: this.logger.child('catch-up') },
+      { chunkBytes: regionChunk, rateBytesPerSec: options.rateBytesPerSec ?? 0, logger: this.logger.child('catch-up') },
     );
     this.catchUpDriver = driver;
     const epoch = this.membership.epoch;
     driver.run().then(
       async (finished) => {
         if (!finished || this.closed || driver !== this.catchUpDriver) return;
-        await access.caughtUp(epoch);
+        await options.caughtUp(epoch);
       },
       (error: unknown) => this.logger.error('catch-up failed', { error: error instanceof Error ? error.message : String(error) }),
     );
+  }
+
+  /** Digests and reads from in-sync peers over the replication links (REGION_REQUEST / REGION_REPLY). */
+  private linkPeerAccess(): CatchUpPeerAccess {
+    return {
+      digests: async (peer, offset, length, chunkBytes) => {
+        const data = await this.requestRegion(peer, 'digests', offset, length, chunkBytes);
+        if (data.length % DIGEST_WIRE_BYTES !== 0) throw new MirrorsanError('NBD_EIO', `${peer} sent ${data.length} bytes of digests`);
+        const digests: string[] = [];
+        for (let at = 0; at < data.length; at += DIGEST_WIRE_BYTES) digests.push(data.subarray(at, at + DIGEST_WIRE_BYTES).toString('hex'));
+        return digests;
+      },
+      read: (peer, offset, length) => this.requestRegion(peer, 'read', offset, length, 0),
+    };
+  }
+
+  private requestRegion(peer: string, kind: 'digests' | 'read', offset: number, lengthBytes: number, chunkBytes: number): Promise<Buffer> {
+    if (this.regionRequests.size >= REGION_REQUESTS_MAX) return Promise.reject(new MirrorsanError('VOLUME_BUSY', `${REGION_REQUESTS_MAX} region requests already wait`));
+    const requestId = this.nextRegionRequestId++;
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.regionRequests.delete(requestId);
+        reject(new MirrorsanError('NBD_EIO', `${peer} did not answer a ${kind} request in ${REGION_REQUEST_TIMEOUT_MS} ms`));
+      }, REGION_REQUEST_TIMEOUT_MS);
+      timer.unref?.();
+      this.regionRequests.set(requestId, { peer, resolve, reject, timer });
+      const sent = this.transport.sendToPeer(peer, { type: 'REGION_REQUEST', volume: this.name, epoch: this.membership.epoch, requestId, kind, offset, lengthBytes, chunkBytes });
+      if (!sent) {
+        this.regionRequests.delete(requestId);
+        clearTimeout(timer);
+        reject(new MirrorsanError('NBD_EIO', `no link to ${peer}`));
+      }
+    });
+  }
+
+  /** A catching-up peer asks for digests or bytes: only an in-sync, unfenced replica answers. */
+  private async answerRegionRequest(peer: string, request: RegionRequestMessage): Promise<void> {
+    const reply = (ok: boolean, data: Buffer): void => {
+      if (this.closed) return;
+      this.transport.answerSource(peer, { type: 'REGION_REPLY', volume: this.name, epoch: this.membership.epoch, requestId: request.requestId, ok, data });
+    };
+    try {
+      if (request.kind === 'read') {
+        if (request.lengthBytes < 1 || request.lengthBytes > CATCH_UP_CHUNK_BYTES_MAX || request.offset + request.lengthBytes > this.sizeBytes) {
+          throw new MirrorsanError('NBD_EINVAL', `read of ${request.offset}+${request.lengthBytes} is outside the volume or longer than ${CATCH_UP_CHUNK_BYTES_MAX}`);
+        }
+        this.checkUsable();
+        reply(true, await this.store.read(request.offset, request.lengthBytes));
+        return;
+      }
+      const digests = await this.digests(request.offset, request.lengthBytes, request.chunkBytes);
+      reply(true, Buffer.concat(digests.map((digest) => Buffer.from(digest, 'hex'))));
+    } catch (error) {
+      reply(false, Buffer.from(error instanceof Error ? error.message : String(error)));
+    }
   }
 
   /** Holding the chunk's write grant: the peer's bytes are fetched and, unless equal to ours, written (mirrored). */
