@@ -1,0 +1,34 @@
+// Proves the catch-up record changes: a replica outside the in-sync set joins catchingUp at the next epoch (once), a catching-up replica is promoted into inSync (once), and neither applies to a node that is not in the state it requires; every result passes the record validation.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { volumeRecordProblem, type VolumeRecord } from './coordinator.js';
+import { joinCatchUp, promoteCaughtUp } from './catch-up-record.js';
+
+const base: VolumeRecord = { epoch: 7, replicas: ['n1', 'n2', 'n3'], inSync: ['n1', 'n2'], arbiter: 'n1', updatedAtMs: 1 };
+
+test('an out-of-sync replica joins catchingUp at the next epoch, once', () => {
+  const joined = joinCatchUp(base, 'n3', 99);
+  assert.deepEqual(joined, { ...base, epoch: 8, catchingUp: ['n3'], updatedAtMs: 99 });
+  assert.equal(volumeRecordProblem(joined), undefined);
+  assert.equal(joinCatchUp(joined!, 'n3', 100), undefined, 'already catching up');
+  assert.equal(joinCatchUp(base, 'n1', 100), undefined, 'in sync already');
+  assert.equal(joinCatchUp(base, 'n9', 100), undefined, 'not a replica');
+});
+
+test('a catching-up replica is promoted into inSync, and catchingUp keeps the others', () => {
+  const two: VolumeRecord = { ...base, replicas: ['n1', 'n2', 'n3', 'n4'], catchingUp: ['n3', 'n4'] };
+  const promoted = promoteCaughtUp(two, 'n3', 5);
+  assert.deepEqual(promoted, { ...two, epoch: 8, inSync: ['n1', 'n2', 'n3'], catchingUp: ['n4'], updatedAtMs: 5 });
+  assert.equal(volumeRecordProblem(promoted), undefined);
+  const last = promoteCaughtUp(promoted!, 'n4', 6)!;
+  assert.equal(last.catchingUp, undefined, 'an empty catchingUp is left out');
+  assert.deepEqual(last.inSync, ['n1', 'n2', 'n3', 'n4']);
+  assert.equal(volumeRecordProblem(last), undefined);
+  assert.equal(promoteCaughtUp(base, 'n3', 7), undefined, 'not catching up (removed meanwhile)');
+});
+
+test('the record validation refuses a catchingUp member that is in sync or not a replica', () => {
+  assert.match(volumeRecordProblem({ ...base, catchingUp: ['n1'] }) ?? '', /outside inSync/);
+  assert.match(volumeRecordProblem({ ...base, catchingUp: ['n9'] }) ?? '', /outside inSync/);
+  assert.match(volumeRecordProblem({ ...base, catchingUp: ['n3', 'n3'] }) ?? '', /distinct/);
+});

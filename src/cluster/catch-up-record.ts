@@ -1,0 +1,25 @@
+// The two record changes of a catch-up (docs/replication.md, "Catch-up"), as pure functions
+// over the coordinator's VolumeRecord; the node performs them by compare-and-swap on the epoch.
+//   join:    a replica outside the in-sync set asks to catch up: it joins `catchingUp`, so from
+//            the next epoch on every writer mirrors to it (and waits for it);
+//   promote: a catching-up replica that copied everything moves into `inSync`.
+// Each returns the next record, or undefined when the change does not apply (any more).
+import type { VolumeRecord } from './coordinator.js';
+
+/** `self` starts catching up: it must be a replica, outside the in-sync and catching-up sets. */
+export function joinCatchUp(record: VolumeRecord, self: string, nowMs: number): VolumeRecord | undefined {
+  const catchingUp = record.catchingUp ?? [];
+  if (!record.replicas.includes(self) || record.inSync.includes(self) || catchingUp.includes(self)) return undefined;
+  return { ...record, epoch: record.epoch + 1, catchingUp: [...catchingUp, self], updatedAtMs: nowMs };
+}
+
+/** `self` finished its catch-up: from catching up to in sync (it must still be catching up). */
+export function promoteCaughtUp(record: VolumeRecord, self: string, nowMs: number): VolumeRecord | undefined {
+  const catchingUp = record.catchingUp ?? [];
+  if (!catchingUp.includes(self)) return undefined;
+  const next: VolumeRecord = { ...record, epoch: record.epoch + 1, inSync: [...record.inSync, self], updatedAtMs: nowMs };
+  const rest = catchingUp.filter((node) => node !== self);
+  if (rest.length > 0) next.catchingUp = rest;
+  else delete next.catchingUp;
+  return next;
+}
