@@ -1,15 +1,16 @@
-// Proves failure handling with real processes (issue 5): on a 3-node `mirrorsan up`, SIGKILLing n3 while fio writes with verify through n1 stalls writes only until n3's lease has run out and it is removed from the in-sync set (record epoch + 1, inSync without n3, arbiter kept), after which every write completes and reads through n1 and n2 return the data; restarted, n3 reports itself out of sync and refuses I/O; a strict volume refuses writes while a replica is out of sync; a node paused past its lease is removed and refuses reads the moment it resumes.
+// Proves failure handling with real processes (issue 5): on a 3-node `mirrorsan up`, SIGKILLing n3 while fio writes with verify through n1 stalls writes only until n3's lease has run out and it is removed from the in-sync set (record epoch + 1, inSync without n3, arbiter kept), after which every write completes and reads through n1 and n2 return the data; restarted, n3 catches up (copying only what differs) and returns to the in-sync set byte-identical; a strict volume refuses writes while a replica is out of sync; a node paused past its lease is removed, refuses reads the moment it resumes, then catches up.
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { createCoordinator, type Coordinator, type VolumeRecord } from '../src/cluster/index.js';
 import { NbdClient } from '../src/nbd/index.js';
 import { createLogger } from '../src/util/log.js';
-import { CLI_PATH, fioNbd, run, runOk, sha256, sleep, startUp, testServerKind, waitUntil, withServerLog } from './helpers/index.js';
+import { CLI_PATH, fioNbd, run, runOk, sha256, sha256File, sleep, startUp, testServerKind, waitUntil, withServerLog } from './helpers/index.js';
 import type { UpCluster } from './helpers/index.js';
 
 const MiB = 1024 * 1024;
 /** Short enough to keep the suite fast, long enough for a loaded 2-core machine to renew in time. */
-const LEASE_TTL_MS = 1500;
+const LEASE_TTL_MS = 2000;
 const FAILURE_TIMEOUT_MS = 500;
 
 interface ReplicatedStatus {
@@ -110,23 +111,30 @@ describe('a node that dies leaves the in-sync set and the others go on', { skip:
     }
   }));
 
-  it('restarted after the SIGKILL, n3 reports itself out of sync and refuses I/O instead of serving stale data', withServerLog(log, async () => {
+  it('restarted after the SIGKILL, n3 catches up (copying only what it missed) and returns to the in-sync set with the data written while it was away', withServerLog(log, async (t) => {
+    const restartedAtMs = performance.now();
     await cluster.restart(2);
-    const view = await replicated(2);
-    assert.ok(view, 'n3 opened the volume');
-    assert.deepEqual(view.replicaStates.map((r) => `${r.node}:${r.state}`), ['n1:in-sync', 'n2:in-sync', 'n3:out-of-sync']);
-    assert.match(view.fence ?? '', /n3 is not in the in-sync set/);
-    const read = await run('qemu-io', ['-f', 'raw', '-c', `read -P 0xd2 ${2 * MiB} 64k`, uri(2)]);
-    assert.notEqual(read.code, 0, `a read through n3 is refused: ${read.stdout}`);
-    const write = await run('qemu-io', ['-f', 'raw', '-c', `write -P 0xee ${3 * MiB} 64k`, uri(2)]);
-    assert.notEqual(write.code, 0, `a write through n3 is refused: ${write.stdout}`);
-    const table = await runOk(process.execPath, [CLI_PATH, 'status', '--admin', cluster.nodes[2]!.admin]);
-    assert.match(table.stdout, /n3 is OUT OF SYNC and fenced/, table.stdout);
-    assert.match(table.stdout, /DEGRADED, out of sync: n3 \(writes continue on the in-sync replicas\)/, table.stdout);
-    // The survivors are unaffected by n3's return: still writable, n3 still out of the set.
-    await qemuIo(0, `write -P 0xd3 ${4 * MiB} 64k`);
+    await waitUntil(async () => (await record()).inSync.includes('n3'), { timeoutMs: 30_000, what: 'n3 back in the in-sync set' });
+    t.diagnostic(`n3 restart -> in sync again: ${Math.round(performance.now() - restartedAtMs)} ms`);
+    await waitUntil(async () => (await replicated(2))?.fence === null, { timeoutMs: 10_000, what: 'n3 to serve again' });
+    const view = await replicated(2) as ReplicatedStatus & { catchUp: { state: string; bytesCopied: number; bytesCompared: number } | null };
+    assert.deepEqual(view.replicaStates.map((r) => `${r.node}:${r.state}`), ['n1:in-sync', 'n2:in-sync', 'n3:in-sync']);
+    assert.equal(view.catchUp?.state, 'done');
+    assert.equal(view.catchUp?.bytesCompared, 64 * MiB, 'every chunk was compared');
+    assert.ok((view.catchUp?.bytesCopied ?? 0) < 32 * MiB, `only what n3 missed was copied: ${view.catchUp?.bytesCopied} bytes`);
+    assert.match(log(), /n3\/replication\/membership\] catching up: joined the volume's catching-up set/);
+    assert.match(log(), /n3\/replication\/membership\] caught up: back in the in-sync set/);
+    // Written while n3 was dead (the fio run and 0xd2), now read through n3 itself.
+    await qemuIo(2, `read -P 0xd2 ${2 * MiB} 64k`);
+    const viaN1 = path.join(cluster.workDir, 'vol-n1.raw');
+    const viaN3 = path.join(cluster.workDir, 'vol-n3.raw');
+    await runOk('nbdcopy', [uri(0), viaN1]);
+    await runOk('nbdcopy', [uri(2), viaN3]);
+    assert.equal(await sha256File(viaN3, 64 * MiB), await sha256File(viaN1, 64 * MiB), 'n3 returns the same volume as n1');
+    // And it takes part again: a write through n3 reads back through n1 and n2.
+    await qemuIo(2, `write -P 0xd3 ${4 * MiB} 64k`);
+    await qemuIo(0, `read -P 0xd3 ${4 * MiB} 64k`);
     await qemuIo(1, `read -P 0xd3 ${4 * MiB} 64k`);
-    assert.deepEqual((await record()).inSync, ['n1', 'n2']);
   }));
 
   it('a strict volume refuses writes while a replica is out of sync, with a clear error; the relaxed one goes on', withServerLog(log, async () => {
@@ -155,14 +163,15 @@ describe('a node that dies leaves the in-sync set and the others go on', { skip:
   }));
 
   it('a paused node (SIGSTOP past its lease) is removed, and when it resumes it refuses reads at once instead of serving stale data', withServerLog(log, async (t) => {
-    // n3 back (out of sync, but reachable: n1 keeps a majority of links while n2 is frozen).
+    // n3 back (it catches up: n1 and n3 keep a majority of links while n2 is frozen).
     await cluster.restart(2);
+    await settled();
     const n2Port = Number(new URL(cluster.nodes[1]!.nbd).port);
     const n2Client = await NbdClient.connect({ host: '127.0.0.1', port: n2Port }, { exportName: cluster.volume });
     try {
       await n2Client.read(0, 4096);
       const before = await record();
-      assert.deepEqual(before.inSync, ['n1', 'n2']);
+      assert.deepEqual([...before.inSync].sort(), ['n1', 'n2', 'n3']);
       process.kill(cluster.nodes[1]!.pid, 'SIGSTOP');
       const stoppedAtMs = performance.now();
       try {
@@ -170,8 +179,8 @@ describe('a node that dies leaves the in-sync set and the others go on', { skip:
         await qemuIo(0, `write -P 0xf1 ${6 * MiB} 64k`);
         t.diagnostic(`SIGSTOP n2 -> write through n1 completed: ${Math.round(performance.now() - stoppedAtMs)} ms`);
         const after = await record();
-        assert.equal(after.epoch, before.epoch + 1);
-        assert.deepEqual(after.inSync, ['n1']);
+        assert.ok(after.epoch > before.epoch, `epoch ${before.epoch} -> ${after.epoch}`);
+        assert.ok(!after.inSync.includes('n2') && after.inSync.includes('n1'), `inSync ${after.inSync.join(',')}`);
         assert.equal(after.arbiter, 'n1');
       } finally {
         process.kill(cluster.nodes[1]!.pid, 'SIGCONT');
@@ -182,10 +191,11 @@ describe('a node that dies leaves the in-sync set and the others go on', { skip:
     } finally {
       await n2Client.disconnect().catch(() => undefined);
     }
-    await waitUntil(async () => (await replicated(1))?.replicaStates.find((r) => r.node === 'n2')?.state === 'out-of-sync', { timeoutMs: 10_000, what: 'n2 to see itself out of sync' });
-    const read = await run('qemu-io', ['-f', 'raw', '-c', `read -P 0xf1 ${6 * MiB} 64k`, uri(1)]);
-    assert.notEqual(read.code, 0, 'n2 keeps refusing reads once it re-registered: it is out of sync');
     assert.match(log(), /lost the coordinator lease: fencing replicated volumes/);
     await qemuIo(0, `read -P 0xf1 ${6 * MiB} 64k`);
+    // Re-registered, n2 catches up and then serves what was written while it was frozen.
+    await waitUntil(async () => (await record()).inSync.includes('n2'), { timeoutMs: 30_000, what: 'n2 back in the in-sync set' });
+    await waitUntil(async () => (await replicated(1))?.fence === null, { timeoutMs: 10_000, what: 'n2 to serve again' });
+    await qemuIo(1, `read -P 0xf1 ${6 * MiB} 64k`);
   }));
 });

@@ -53,7 +53,8 @@ export function decideRemoval(observation: MembershipObservation): RemovalDecisi
   const { record, self } = observation;
   assert(observation.failureTimeoutMs > 0, 'failureTimeoutMs is positive');
   assert(record.inSync.length > 0 && record.inSync.every((member) => record.replicas.includes(member)), 'inSync is a non-empty subset of replicas');
-  if (record.inSync.length === 1) return { kind: 'none', reason: `only ${record.inSync[0]} is in sync` };
+  const catchingUp = record.catchingUp ?? [];
+  if (record.inSync.length === 1 && catchingUp.length === 0) return { kind: 'none', reason: `only ${record.inSync[0]} is in sync` };
   // A node on the minority side of a partition changes nothing: otherwise the last node left
   // running while a cluster is stopped one node at a time would drop every other member.
   const reachable = 1 + record.replicas.filter((node) => node !== self && !isSilent(observation, node)).length;
@@ -61,8 +62,11 @@ export function decideRemoval(observation: MembershipObservation): RemovalDecisi
     return { kind: 'none', reason: `${self} reaches ${reachable} of ${record.replicas.length} replicas, not a majority` };
   }
   const waiting: string[] = [];
-  for (const member of record.inSync) {
+  // Catching-up members hold writes back too (every writer mirrors to them): the same rule.
+  for (const member of [...record.inSync, ...catchingUp]) {
     if (member === self) continue;
+    const isInSync = record.inSync.includes(member);
+    if (isInSync && record.inSync.length === 1) continue; // never the last in-sync member
     const silent = isSilent(observation, member);
     const leaseLive = observation.liveNodes.has(member);
     if (!silent) {
@@ -77,11 +81,14 @@ export function decideRemoval(observation: MembershipObservation): RemovalDecisi
     const arbiter = record.arbiter !== undefined && inSync.includes(record.arbiter) ? record.arbiter : inSync[0]!;
     const heardMs = observation.lastHeardMs.get(member);
     const silentFor = heardMs === undefined ? 'never heard' : `silent for ${Math.round(observation.nowMs - heardMs)} ms`;
+    const next: Omit<VolumeRecord, 'updatedAtMs'> = { epoch: record.epoch + 1, replicas: [...record.replicas], inSync, arbiter };
+    const restCatchingUp = catchingUp.filter((node) => node !== member);
+    if (restCatchingUp.length > 0) next.catchingUp = restCatchingUp;
     return {
       kind: 'remove',
       member,
-      next: { epoch: record.epoch + 1, replicas: [...record.replicas], inSync, arbiter },
-      reason: `${member} ${silentFor} (failure timeout ${observation.failureTimeoutMs} ms) and its lease is gone`,
+      next,
+      reason: `${isInSync ? '' : 'catching-up '}${member} ${silentFor} (failure timeout ${observation.failureTimeoutMs} ms) and its lease is gone`,
     };
   }
   return { kind: 'none', reason: waiting.length > 0 ? waiting.join('; ') : 'every in-sync member is reachable' };
@@ -126,14 +133,16 @@ export function writesAllowed(record: { readonly replicas: readonly string[]; re
   return !spec.strict || record.inSync.length >= record.replicas.length;
 }
 
-export type ReplicaState = 'in-sync' | 'out-of-sync' | 'fenced';
+export type ReplicaState = 'in-sync' | 'catching-up' | 'out-of-sync' | 'fenced';
 
 /**
- * Each replica's state as this node sees it: out of the record's in-sync set is out-of-sync;
+ * Each replica's state as this node sees it: in the record's catchingUp set is catching-up, out of
+ * the in-sync set otherwise is out-of-sync;
  * this node while fenced (lease, majority) is fenced; the rest is in-sync.
  */
-export function replicaStates(record: { readonly replicas: readonly string[]; readonly inSync: readonly string[] }, self: string, selfFenced: boolean): { node: string; state: ReplicaState }[] {
+export function replicaStates(record: { readonly replicas: readonly string[]; readonly inSync: readonly string[]; readonly catchingUp?: readonly string[] }, self: string, selfFenced: boolean): { node: string; state: ReplicaState }[] {
   return record.replicas.map((node) => {
+    if ((record.catchingUp ?? []).includes(node)) return { node, state: 'catching-up' as const };
     if (!record.inSync.includes(node)) return { node, state: 'out-of-sync' as const };
     if (node === self && selfFenced) return { node, state: 'fenced' as const };
     return { node, state: 'in-sync' as const };

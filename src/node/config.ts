@@ -53,7 +53,15 @@ export interface NodeConfig {
    * replicas for this long fences the volume (docs/replication.md, issue 5).
    */
   failureTimeoutMs: number;
+  /**
+   * A returning replica copies what it missed at most this fast (bytes per second; 0:
+   * unlimited), so that its catch-up leaves room for the clients' I/O.
+   */
+  catchUpRateBytesPerSec: number;
 }
+
+/** Default catch-up copy rate: well under a disk's, over what a 2-way write path takes here. */
+export const DEFAULT_CATCH_UP_RATE_BYTES_PER_SEC = 256 * 1024 * 1024;
 
 /** Default failure timeout: a few missed heartbeats (PeerTimings.heartbeatIntervalMs is 200 ms). */
 export const DEFAULT_FAILURE_TIMEOUT_MS = 1000;
@@ -176,6 +184,7 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
     directWriteMinBytes: asSize(object.directWriteMinBytes ?? 64 * 1024, 'directWriteMinBytes'),
     threadPoolSize,
     failureTimeoutMs,
+    catchUpRateBytesPerSec: asSize(object.catchUpRateBytesPerSec ?? DEFAULT_CATCH_UP_RATE_BYTES_PER_SEC, 'catchUpRateBytesPerSec'),
     clusterSecretFile: object.clusterSecretFile === undefined || object.clusterSecretFile === null ? null : asString(object.clusterSecretFile, 'clusterSecretFile'),
   });
 }

@@ -13,7 +13,12 @@ const SIZE_BYTES = 4 * 1024 * 1024;
 const SECRET = Buffer.from('0123456789abcdef0123456789abcdef');
 const SPEC: VolumeSpec = { name: 'vol', sizeBytes: SIZE_BYTES, replicas: 3, mode: 'sync', strict: false, regionSizeBytes: 1024 * 1024 };
 const FAILURE_TIMEOUT_MS = 200;
-const LEASE_TTL_MS = 1000;
+/** Long enough that a loaded machine never loses a lease by accident (the test revokes them itself). */
+const LEASE_TTL_MS = 5000;
+
+function withTimeout<T>(promise: Promise<T>, what: string, ms = 10_000): Promise<T> {
+  return Promise.race([promise, new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what}: not done in ${ms} ms`)), ms).unref())]);
+}
 
 async function waitFor(probe: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -74,13 +79,12 @@ test('lease, rejoin, removal of a dead member and self-fencing', async (t) => {
   assert.equal(rejoined.epoch, 4, 'each node rejoined under its lease: three epoch bumps');
   assert.deepEqual(rejoined.inSync, ['n1', 'n2', 'n3']);
   await waitFor(() => volumes.every((volume) => volume.epoch === 4 && volume.fenceReason === undefined), 'every volume to serve at epoch 4');
-  await volumes[0]!.write(0, Buffer.alloc(4096, 0x11), { fua: true });
+  await withTimeout(volumes[0]!.write(0, Buffer.alloc(4096, 0x11), { fua: true }), 'a write with every member in sync');
 
   // n3 dies: its lease is revoked (a clean stop) and its links go down with its shell.
   await sessions[2]!.revoke();
   await shells[2]!.close();
-  const pending = volumes[0]!.write(4096, Buffer.alloc(4096, 0x22), { fua: false });
-  await pending;
+  await withTimeout(volumes[0]!.write(4096, Buffer.alloc(4096, 0x22), { fua: false }), 'a write through n1 once n3 is gone');
   const removed = (await admin.getVolumeRecord('vol'))!;
   assert.equal(removed.epoch, 5);
   assert.deepEqual(removed.inSync, ['n1', 'n2']);

@@ -10,6 +10,7 @@
 // Epoch changes reach the volumes through NodeReplication's record watch; a successful CAS
 // here is also applied at once (the watch would deliver it one poll later).
 import type { Coordinator, NodeSession, VolumeRecord, VolumeSpec } from '../cluster/index.js';
+import { joinCatchUp, promoteCaughtUp } from '../cluster/catch-up-record.js';
 import { decideRemoval, fenceReason, type RemovalDecision } from '../cluster/membership.js';
 import { assert, isMirrorsanError } from '../errors.js';
 import type { Logger } from '../util/log.js';
@@ -41,6 +42,8 @@ interface VolumeState {
   rejoinedLease: string | undefined;
   rejoin: Promise<void> | undefined;
   removal: Promise<void> | undefined;
+  /** A catch-up record change (join or promote) under way. */
+  catchUpChange: Promise<void> | undefined;
   /** Last decision logged, so that a waiting state is logged once, not every tick. */
   lastReason: string | undefined;
   /** Removals this node made for the volume. */
@@ -93,7 +96,7 @@ export class MembershipMonitor {
   add(spec: VolumeSpec, record: VolumeRecord, volume: ReplicatedVolume): Promise<void> {
     assert(!this.volumes.has(spec.name), `volume ${spec.name} is monitored already`);
     assert(this.volumes.size < VOLUMES_MAX, 'too many monitored volumes');
-    const state: VolumeState = { name: spec.name, spec, volume, record, rejoinedLease: undefined, rejoin: undefined, removal: undefined, lastReason: undefined, removals: 0 };
+    const state: VolumeState = { name: spec.name, spec, volume, record, rejoinedLease: undefined, rejoin: undefined, removal: undefined, catchUpChange: undefined, lastReason: undefined, removals: 0 };
     this.volumes.set(spec.name, state);
     // A peer not watched before gets failureTimeoutMs of grace from now (its links may still be coming up).
     const nowMs = this.now();
@@ -121,7 +124,23 @@ export class MembershipMonitor {
       this.evaluate(state, nowMs);
       this.startRejoin(state);
       this.maybeRemove(state, nowMs);
+      this.maybeJoinCatchUp(state, nowMs);
     }
+  }
+
+  /**
+   * The volume's catch-up copied everything: move this replica from catchingUp into inSync (a
+   * CAS; retried while it is still catching up, e.g. after losing a race to another change).
+   */
+  async caughtUp(name: string): Promise<void> {
+    const state = this.volumes.get(name);
+    if (!state) return;
+    await state.catchUpChange;
+    const change = this.changeRecord(state, 'promote', (record) => promoteCaughtUp(record, this.options.self, Date.now()));
+    state.catchUpChange = change;
+    await change.finally(() => {
+      if (state.catchUpChange === change) state.catchUpChange = undefined;
+    });
   }
 
   status(name: string): object | undefined {
@@ -224,6 +243,45 @@ export class MembershipMonitor {
     }
   }
 
+  /**
+   * A replica out of the in-sync set (restarted after it was removed, or back from a partition)
+   * asks to catch up, once it holds a lease, rejoined under it, and reaches a majority: the
+   * record lists it in catchingUp and its volume starts copying (ReplicatedVolume).
+   */
+  private maybeJoinCatchUp(state: VolumeState, nowMs: number): void {
+    const { self } = this.options;
+    const { record } = state;
+    if (state.catchUpChange || state.rejoin || !this.leaseValid() || state.rejoinedLease !== this.session?.leaseId) return;
+    if (!record.replicas.includes(self) || record.inSync.includes(self) || (record.catchingUp ?? []).includes(self)) return;
+    if (fenceReason({ self, record, leaseValid: true, lastHeardMs: this.lastHeardMs, nowMs, failureTimeoutMs: this.options.failureTimeoutMs }) !== undefined) return;
+    const change = this.changeRecord(state, 'join', (current) => joinCatchUp(current, self, Date.now()));
+    state.catchUpChange = change;
+    void change.finally(() => {
+      if (state.catchUpChange === change) state.catchUpChange = undefined;
+    });
+  }
+
+  /** A catch-up record change by CAS: up to REJOIN_ATTEMPTS_MAX tries, each from the newest record. */
+  private async changeRecord(state: VolumeState, what: 'join' | 'promote', next: (record: VolumeRecord) => VolumeRecord | undefined): Promise<void> {
+    for (let attempt = 1; attempt <= REJOIN_ATTEMPTS_MAX && !this.closed; attempt++) {
+      const record = state.record;
+      const proposed = next(record);
+      if (!proposed) return; // no longer applies (removed meanwhile, or done already)
+      try {
+        const result = await this.coordinator.casVolumeRecord(state.name, record.epoch, proposed);
+        if (result.ok) {
+          this.logger.info(what === 'join' ? 'catching up: joined the volume\'s catching-up set' : 'caught up: back in the in-sync set', { volume: state.name, epoch: proposed.epoch });
+          this.adopt(state, proposed);
+          return;
+        }
+        if (result.current) this.adopt(state, result.current);
+      } catch (error) {
+        this.logger.warn(`catch-up ${what} CAS failed; re-reading the record`, { volume: state.name, error: String(error) });
+        await this.reread(state);
+      }
+    }
+  }
+
   private maybeRemove(state: VolumeState, nowMs: number): void {
     const { self } = this.options;
     // Only a node that itself holds a lease and has seen the live nodes decides anything.
@@ -295,5 +353,11 @@ export class MembershipMonitor {
 
 /** The volume's view of a coordinator record. */
 export function membershipOf(record: VolumeRecord): ReplicaMembership {
-  return { epoch: record.epoch, replicas: record.replicas, inSync: record.inSync, ...(record.arbiter ? { arbiter: record.arbiter } : {}) };
+  return {
+    epoch: record.epoch,
+    replicas: record.replicas,
+    inSync: record.inSync,
+    ...(record.arbiter ? { arbiter: record.arbiter } : {}),
+    ...(record.catchingUp ? { catchingUp: record.catchingUp } : {}),
+  };
 }

@@ -85,6 +85,7 @@ export class MirrorsanNode {
         logger: this.logger.child('replication'),
         checkpointIntervalMs: config.checkpointIntervalMs,
         failureTimeoutMs: config.failureTimeoutMs,
+        catchUpRateBytesPerSec: config.catchUpRateBytesPerSec,
       });
     }
     for (const volumeConfig of config.volumes) await this.openVolume(volumeConfig);

@@ -40,6 +40,8 @@ export interface NodeReplicationOptions {
   checkpointIntervalMs?: number;
   /** A peer silent this long (and without a lease) leaves the in-sync set (NodeConfig.failureTimeoutMs). */
   failureTimeoutMs?: number;
+  /** NodeConfig.catchUpRateBytesPerSec (0: unlimited). */
+  catchUpRateBytesPerSec?: number;
 }
 
 /** Reads the cluster secret (a file written by `mirrorsan up`, mode 0600). */
@@ -178,11 +180,21 @@ export class NodeReplication {
         sendToPeer: (peer, message) => this.links.get(peer)?.send(message) ?? false,
         answerSource: (source, message) => this.listener.connectionFor(source)?.send(message) ?? false,
         resetInbound: (source, reason) => this.listener.connectionFor(source)?.close(`stream reset: ${reason}`),
+        resetOutbound: (peer, reason) => this.links.get(peer)?.reconnect(reason),
       },
       logger: this.logger.child(`volume ${spec.name}`),
       ...(this.options.checkpointIntervalMs !== undefined ? { checkpointIntervalMs: this.options.checkpointIntervalMs } : {}),
       strict: spec.strict,
       servingCheck: () => this.monitor?.leaseProblem(),
+      // Without a coordinator nobody could move this replica back in sync: no catch-up.
+      ...(coordinator
+        ? {
+            catchUp: {
+              caughtUp: () => this.monitorFor(coordinator).caughtUp(spec.name),
+              rateBytesPerSec: this.options.catchUpRateBytesPerSec ?? 0,
+            },
+          }
+        : {}),
     });
     this.volumes.set(spec.name, volume);
     // Links that came up before the volume existed: tell it now (its peers wait for our ACKs),

@@ -74,8 +74,14 @@ const CHECKPOINT_COVER_ATTEMPTS_MAX = 4;
 export const WRITE_REGIONS_MAX = 256;
 /** Region size when none is given: the whole volume is one region (single-writer mode). */
 const SINGLE_REGION = 0;
+/**
+ * A member whose link is up but whose positioning ACK has not come for this long gets its link
+ * redialled (the ACK is sent on every link-up): a safety net for an answer lost in a race
+ * between epoch changes and reconnects, which would otherwise hold writes back for ever.
+ */
+const STREAM_UNPOSITIONED_MAX_MS = 3000;
 /** A catch-up request a peer leaves unanswered this long fails (the batch is retried). */
-const REGION_REQUEST_TIMEOUT_MS = 10_000;
+const REGION_REQUEST_TIMEOUT_MS = 5000;
 /** Catch-up requests in flight at once (the driver has one batch out at a time). */
 const REGION_REQUESTS_MAX = 64;
 /** A chunk digest on the wire: catchUpDigest's 32 hex digits as 16 bytes. */
@@ -110,6 +116,8 @@ export interface ReplicaTransport {
   answerSource(source: string, message: PeerMessage): boolean;
   /** Closes the connection `source` dialled to us: its stream has a gap; it redials and repositions. */
   resetInbound(source: string, reason: string): void;
+  /** Drops and redials the link to `peer`: its answers (the ACK that positions our stream) went missing. */
+  resetOutbound?(peer: string, reason: string): void;
 }
 
 export interface ReplicatedVolumeOptions {
@@ -208,6 +216,8 @@ export class ReplicatedVolume implements BlockDevice {
   private nextRegionRequestId = 1;
   /** runSource is performing a batch; source effects produced meanwhile wait here, in order. */
   private performingSourceEffects = false;
+  /** Per source member: since when (tick time) its link is up but its stream unpositioned. */
+  private readonly unpositionedSinceMs = new Map<string, number>();
   private readonly nestedSourceEffects: (readonly SourceEffect[])[] = [];
   /** Set while this node may not serve I/O (out of the in-sync set, or its lease is lost). */
   private fence: string | undefined;
@@ -536,6 +546,7 @@ export class ReplicatedVolume implements BlockDevice {
     if (this.closed) return;
     const now = Math.floor(nowMs);
     this.runSource(this.source.tick(now));
+    this.checkStreamPositions(now);
     this.runHolder(this.holder.tick(now));
     if (this.arbiter) this.runArbiter(this.arbiter.tick(now));
     if (this.checkpointIntervalMs > 0 && now - this.lastCheckpointMs >= this.checkpointIntervalMs) {
@@ -757,7 +768,11 @@ export class ReplicatedVolume implements BlockDevice {
   }
 
   private performSourceEffects(effects: readonly SourceEffect[]): void {
-    for (const effect of effects) {
+    // Frames leave first: a peer starts on a write (and on a FUA's SYNC) while this node does
+    // its own local I/O for it. The two are independent (docs/replication.md, write path step
+    // 2); sends keep their order among themselves, and so does everything else.
+    for (const sendsFirst of [true, false]) for (const effect of effects) {
+      if ((effect.kind === 'send') !== sendsFirst) continue;
       switch (effect.kind) {
         case 'appendLocal': {
           const { entry } = effect;
@@ -980,6 +995,25 @@ export class ReplicatedVolume implements BlockDevice {
     }
   }
 
+  /** See STREAM_UNPOSITIONED_MAX_MS. */
+  private checkStreamPositions(nowMs: number): void {
+    for (const member of this.source.members) {
+      const state = this.source.peer(member);
+      if (!state || state.positioned || !state.linkUp) {
+        this.unpositionedSinceMs.delete(member);
+        continue;
+      }
+      const since = this.unpositionedSinceMs.get(member);
+      if (since === undefined) {
+        this.unpositionedSinceMs.set(member, nowMs);
+      } else if (nowMs - since >= STREAM_UNPOSITIONED_MAX_MS && this.transport.resetOutbound) {
+        this.unpositionedSinceMs.delete(member);
+        this.logger.warn('no stream position from a member for too long: redialling its link', { peer: member, waitedMs: nowMs - since });
+        this.transport.resetOutbound(member, `no ACK positioning the stream for ${nowMs - since} ms`);
+      }
+    }
+  }
+
   // ---- internals: catch-up (src/volume/catch-up.ts) -------------------------------------
 
   /**
@@ -1006,10 +1040,6 @@ export class ReplicatedVolume implements BlockDevice {
   private adoptCatchUpState(previous: ReplicaMembership | undefined): void {
     const catching = (this.membership.catchingUp ?? []).includes(this.self);
     const wasCatching = previous !== undefined && (previous.catchingUp ?? []).includes(this.self);
-    // A stream may jump past a gap while either end catches up: this replica's targets skip
-    // what writers wrote before it joined, and a joining peer's stream skips what it wrote and
-    // never had acknowledged before it went away (see the source's floors).
-    for (const [peer, target] of this.targets) target.allowRebase(catching || (this.membership.catchingUp ?? []).includes(peer));
     if (!catching) {
       if (this.catchUpDriver && !this.catchUpDriver.isStopped) {
         this.catchUpDriver.stop();
@@ -1084,7 +1114,9 @@ export class ReplicatedVolume implements BlockDevice {
   private async answerRegionRequest(peer: string, request: RegionRequestMessage): Promise<void> {
     const reply = (ok: boolean, data: Buffer): void => {
       if (this.closed) return;
-      this.transport.answerSource(peer, { type: 'REGION_REPLY', volume: this.name, epoch: this.membership.epoch, requestId: request.requestId, ok, data });
+      // The request's epoch, echoed: the asker may be an epoch ahead of this node, and a reply
+      // is matched by its id, not ordered by epoch (a lower one would be refused as stale).
+      this.transport.answerSource(peer, { type: 'REGION_REPLY', volume: this.name, epoch: Math.max(request.epoch, this.membership.epoch), requestId: request.requestId, ok, data });
     };
     try {
       if (request.kind === 'read') {

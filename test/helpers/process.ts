@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process';
 import type { ChildProcess, SpawnOptions } from 'node:child_process';
 import type { TestContext } from 'node:test';
 import { once } from 'node:events';
-import { existsSync } from 'node:fs';
+import fs, { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -300,6 +300,9 @@ export function withServerLog(serverLog: () => string, body: (t: TestContext) =>
     try {
       await body(t);
     } catch (error) {
+      // MIRRORSAN_TEST_LOG_DIR=DIR keeps the whole server log of a failed test there.
+      const logDir = process.env.MIRRORSAN_TEST_LOG_DIR;
+      if (logDir) fs.writeFileSync(path.join(logDir, `${t.name.replace(/[^A-Za-z0-9]+/g, '-').slice(0, 80)}.log`), serverLog());
       if (error instanceof Error) error.message += `\n--- server stderr (tail) ---\n${tail(serverLog(), 3000)}`;
       throw error;
     }

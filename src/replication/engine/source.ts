@@ -286,13 +286,13 @@ export class ReplicationSource {
 
   localApplied(sequence: number): SourceEffect[] {
     const pending = this.pendingWrites.get(sequence);
-    assert(pending !== undefined && !pending.localDone, `localApplied(${sequence}) for no pending write`);
+    if (pending === undefined || pending.localDone) assert(false, `localApplied(${sequence}) for no pending write`);
     pending.localDone = true;
     return this.progress();
   }
 
   localSynced(throughSequence: number): SourceEffect[] {
-    assert(throughSequence <= this.localSyncRequestedSeq, `localSynced(${throughSequence}) beyond what was requested (${this.localSyncRequestedSeq})`);
+    if (throughSequence > this.localSyncRequestedSeq) assert(false, `localSynced(${throughSequence}) beyond what was requested (${this.localSyncRequestedSeq})`);
     this.localSyncedSeq = Math.max(this.localSyncedSeq, throughSequence);
     return this.progress();
   }
@@ -384,7 +384,7 @@ export class ReplicationSource {
     return [...this.peers.keys()];
   }
   /** What this source knows of `peer` (tests, metrics). */
-  peer(peer: string): Readonly<{ positioned: boolean; ackedSeq: number; syncAckedSeq: number; checkpointAckedSeq: number; nextToSend: number }> | undefined {
+  peer(peer: string): Readonly<{ positioned: boolean; linkUp: boolean; ackedSeq: number; syncAckedSeq: number; checkpointAckedSeq: number; nextToSend: number }> | undefined {
     const state = this.peers.get(peer);
     return state === undefined ? undefined : { ...state };
   }
@@ -435,7 +435,8 @@ export class ReplicationSource {
 
   private entryAt(sequence: number): SourceEntry {
     const entry = this.retained[this.retainedHead + sequence - this.retainedFromSequence];
-    assert(entry !== undefined && entry.sequence === sequence, `entry ${sequence} is not in the resend window`);
+    // The message is built only on failure: this runs for every frame sent.
+    if (entry === undefined || entry.sequence !== sequence) assert(false, `entry ${sequence} is not in the resend window`);
     return entry;
   }
 

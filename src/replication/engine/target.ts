@@ -32,7 +32,7 @@ export interface TargetLimits {
 }
 
 export const DEFAULT_TARGET_LIMITS: Readonly<TargetLimits> = Object.freeze({
-  partitionEntriesMax: Number(process.env.MS_PART ?? 4096),
+  partitionEntriesMax: 4096,
   partitionBytesMax: 32 * 1024 * 1024,
   pendingSyncsMax: 4096,
 });
@@ -84,7 +84,7 @@ export type TargetEffect =
   /** The stream has a gap: close the link (the source resends from our ACK after linkUp). */
   | { readonly kind: 'resyncNeeded'; readonly reason: string }
   /**
-   * Catch-up only (allowRebase): the source's stream resumes after `throughSequence`, past a gap
+   * Catch-up: the source's stream resumes after `throughSequence` (the frame says so), past a gap
    * this replica's catch-up covers. Drop the source's partition and container, record the
    * stream as starting there (durably), then call rebased(throughSequence) and hand this
    * target the frame again. Nothing of the frame was taken.
@@ -120,8 +120,6 @@ export class ReplicationTarget {
   private checkpointRequestedSeq: number;
   /** SYNC sequences waiting for durability, ascending. */
   private pendingSyncs: number[] = [];
-  /** Set while this replica catches up: a gap in the stream is a rebase, not an error. */
-  private rebaseAllowed = false;
   /** Owned copies of payloads that arrived as views of socket chunks (dropped at spill, in order). */
   private readonly payloads = new PayloadCopier();
 
@@ -185,15 +183,6 @@ export class ReplicationTarget {
     return effects;
   }
 
-  /**
-   * While this replica catches up (it is in the record's catchingUp set), the source skips what
-   * came before this replica joined (its catch-up copies it): the first frame past a gap then
-   * yields a 'rebase' effect instead of a resync.
-   */
-  allowRebase(allowed: boolean): void {
-    this.rebaseAllowed = allowed;
-  }
-
   /** The shell recorded the rebase (see the effect): the stream now continues after `throughSequence`. */
   rebased(throughSequence: number): TargetEffect[] {
     assert(throughSequence >= this.expected - 1, `rebase to ${throughSequence} goes back from ${this.expected - 1}`);
@@ -205,7 +194,6 @@ export class ReplicationTarget {
     this.checkpointSeq = throughSequence;
     this.checkpointRequestedSeq = throughSequence;
     this.pendingSyncs = [];
-    this.rebaseAllowed = false;
     return [this.ack('ACK', throughSequence), this.ack('SYNC_ACK', throughSequence), this.ack('CHECKPOINT_ACK', throughSequence)];
   }
 
@@ -216,7 +204,7 @@ export class ReplicationTarget {
 
   /** The shell made the container durable through `sequence` (an appendToContainer with sync). */
   containerSynced(sequence: number): TargetEffect[] {
-    assert(sequence <= this.spilledSeq, `containerSynced(${sequence}) beyond what was spilled (${this.spilledSeq})`);
+    if (sequence > this.spilledSeq) assert(false, `containerSynced(${sequence}) beyond what was spilled (${this.spilledSeq})`);
     this.durableSeq = Math.max(this.durableSeq, sequence);
     return this.answerSyncs();
   }
@@ -265,8 +253,10 @@ export class ReplicationTarget {
   private receiveWrite(message: WriteMessage): TargetEffect[] {
     if (message.sequence < this.expected) return [this.ack('ACK', this.expected - 1)];
     if (message.sequence > this.expected) {
-      // Only where the source says it restarted the stream: any other gap is a lost frame.
-      if (this.rebaseAllowed && message.restartsStream === true) return [{ kind: 'rebase', throughSequence: message.sequence - 1 }];
+      // Only where the source says it restarted the stream past entries a catch-up covers (this
+      // replica's, which copied everything before it joined, or the source's own, which had
+      // never been acknowledged and which its catch-up overwrote): any other gap is a lost frame.
+      if (message.restartsStream === true) return [{ kind: 'rebase', throughSequence: message.sequence - 1 }];
       return [{ kind: 'resyncNeeded', reason: `WRITE ${message.sequence} from ${this.source} where ${this.expected} was expected` }];
     }
     const entry: TargetEntry = {
@@ -292,7 +282,7 @@ export class ReplicationTarget {
     // the answer then claims only what is really here.
     const sequence = Math.min(requested, this.expected - 1);
     if (sequence <= this.durableSeq) return [this.ack('SYNC_ACK', sequence)];
-    assert(this.pendingSyncs.length < this.limits.pendingSyncsMax, `more than ${this.limits.pendingSyncsMax} SYNCs pending from ${this.source}`);
+    if (this.pendingSyncs.length >= this.limits.pendingSyncsMax) assert(false, `more than ${this.limits.pendingSyncsMax} SYNCs pending from ${this.source}`);
     if (this.pendingSyncs.length === 0 || this.pendingSyncs[this.pendingSyncs.length - 1]! < sequence) this.pendingSyncs.push(sequence);
     return [this.spill(true)];
   }
@@ -311,7 +301,7 @@ export class ReplicationTarget {
     this.partition = [];
     this.partitionBytes = 0;
     if (entries.length > 0) {
-      assert(entries[0]!.sequence === this.spilledSeq + 1, `spill starts at ${entries[0]!.sequence} after ${this.spilledSeq}`);
+      if (entries[0]!.sequence !== this.spilledSeq + 1) assert(false, `spill starts at ${entries[0]!.sequence} after ${this.spilledSeq}`);
       this.spilledSeq = entries[entries.length - 1]!.sequence;
     }
     return { kind: 'appendToContainer', source: this.source, entries, sync, throughSequence: this.spilledSeq };
