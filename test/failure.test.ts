@@ -1,4 +1,4 @@
-// Proves failure handling with real processes (issue 5): on a 3-node `mirrorsan up`, SIGKILLing n3 while fio writes with verify through n1 stalls writes only until n3's lease has run out and it is removed from the in-sync set (record epoch + 1, inSync without n3, arbiter kept), after which every write completes and reads through n1 and n2 return the data; restarted, n3 catches up (copying only what differs) and returns to the in-sync set byte-identical; a strict volume refuses writes while a replica is out of sync; a node paused past its lease is removed, refuses reads the moment it resumes, then catches up.
+// Proves failure handling with real processes (issue 5): on a 3-node `mirrorsan up`, SIGKILLing n3 while fio writes with verify through n1 stalls writes only until n3's lease has run out and it is removed from the in-sync set (record epoch + 1, inSync without n3, arbiter kept), after which every write completes and reads through n1 and n2 return the data; restarted, n3 catches up (copying only what differs) and returns to the in-sync set byte-identical; a strict volume refuses writes while a replica is out of sync; a node paused past its lease is removed, refuses reads the moment it resumes, then catches up; with two replicas the survivor of a SIGKILL goes on alone (the coordinator is the witness) and the other catches up on return.
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -197,5 +197,35 @@ describe('a node that dies leaves the in-sync set and the others go on', { skip:
     await waitUntil(async () => (await record()).inSync.includes('n2'), { timeoutMs: 30_000, what: 'n2 back in the in-sync set' });
     await waitUntil(async () => (await replicated(1))?.fence === null, { timeoutMs: 10_000, what: 'n2 to serve again' });
     await qemuIo(1, `read -P 0xf1 ${6 * MiB} 64k`);
+  }));
+});
+
+describe('two replicas: the survivor goes on alone (the coordinator is the witness) and the other catches up', { skip: testServerKind() !== 'mirrorsan' }, () => {
+  let cluster: UpCluster;
+  const log = (): string => cluster?.stderr ?? '';
+  const status = async (index: number): Promise<ReplicatedStatus & { replicaState: string }> => {
+    const response = await fetch(`${cluster.nodes[index]!.admin}/v1/status`);
+    return ((await response.json()) as { replicatedVolumes: (ReplicatedStatus & { replicaState: string })[] }).replicatedVolumes[0]!;
+  };
+
+  before(async () => {
+    cluster = await startUp({ nodes: 2, size: '32MiB', extraArgs: ['--lease-ttl', String(LEASE_TTL_MS), '--failure-timeout', String(FAILURE_TIMEOUT_MS)] });
+    await waitUntil(async () => (await status(0)).fence === null && (await status(1)).fence === null, { timeoutMs: 15_000, what: 'both nodes serving' });
+  });
+  after(async () => {
+    await cluster?.stop();
+  });
+
+  it('SIGKILL n2: writes through n1 complete once n2 is removed; n2 restarts, catches up and serves them', withServerLog(log, async (t) => {
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 1M', cluster.nodes[0]!.nbd]);
+    await cluster.kill(1);
+    const killedAtMs = performance.now();
+    await runOk('qemu-io', ['-f', 'raw', '-c', `write -P 0x22 ${MiB} 1M`, cluster.nodes[0]!.nbd]);
+    t.diagnostic(`2 replicas, SIGKILL n2 -> write through n1 completed: ${Math.round(performance.now() - killedAtMs)} ms`);
+    assert.deepEqual((await status(0)).inSync, ['n1']);
+    await cluster.restart(1);
+    await waitUntil(async () => (await status(1)).replicaState === 'in-sync', { timeoutMs: 30_000, what: 'n2 back in sync' });
+    await waitUntil(async () => (await status(1)).fence === null, { timeoutMs: 10_000, what: 'n2 serving' });
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'read -P 0x21 0 1M', '-c', `read -P 0x22 ${MiB} 1M`, cluster.nodes[1]!.nbd]);
   }));
 });

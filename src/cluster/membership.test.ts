@@ -80,7 +80,7 @@ describe('decideRemoval', () => {
 
   it('changes nothing from the minority side: the last node running keeps the others in sync', () => {
     const decision = decideRemoval(observe({ liveNodes: new Set(['n1']), lastHeardMs: new Map() }));
-    assert.deepEqual(decision, { kind: 'none', reason: 'n1 reaches 1 of 3 replicas, not a majority' });
+    assert.deepEqual(decision, { kind: 'none', reason: 'no quorum: n1 reaches 1 of 3 replicas and the coordinator (2 of 4 votes, 3 needed) for 500 ms' });
   });
 
   it('property: a removal always yields a valid next record one epoch later, with a member both silent and unleased', () => {
@@ -132,8 +132,17 @@ describe('fenceReason', () => {
   });
 
   it('fences when fewer than a majority are reachable for the failure timeout', () => {
-    assert.match(fenceReason({ ...base, lastHeardMs: new Map([['n2', NOW - TIMEOUT], ['n3', NOW - TIMEOUT]]) }) ?? '', /1 of 3 reachable .* 2 needed/);
+    assert.match(fenceReason({ ...base, lastHeardMs: new Map([['n2', NOW - TIMEOUT], ['n3', NOW - TIMEOUT]]) }) ?? '', /^no quorum: n1 reaches 1 of 3 replicas and the coordinator \(2 of 4 votes, 3 needed\)/);
     assert.equal(fenceReason({ ...base, lastHeardMs: new Map([['n2', NOW - TIMEOUT + 1]]) }), undefined, 'not silent for the whole timeout yet');
+  });
+
+  it('two replicas: the survivor of a dead peer keeps a quorum with the coordinator, and loses it without a lease', () => {
+    const two: VolumeRecord = { ...RECORD, replicas: ['n1', 'n2'], inSync: ['n1', 'n2'] };
+    assert.equal(fenceReason({ ...base, record: two, lastHeardMs: new Map([['n2', NOW - TIMEOUT]]) }), undefined);
+    assert.match(fenceReason({ ...base, record: two, leaseValid: false, lastHeardMs: new Map([['n2', NOW]]) }) ?? '', /^lease lost/);
+    const decision = decideRemoval({ self: 'n1', record: two, spec: { strict: false }, liveNodes: new Set(['n1']), lastHeardMs: new Map([['n2', NOW - TIMEOUT]]), nowMs: NOW, failureTimeoutMs: TIMEOUT });
+    assert.ok(decision.kind === 'remove' && decision.member === 'n2', JSON.stringify(decision));
+    assert.deepEqual(decision.next.inSync, ['n1']);
   });
 
   it('majorities', () => {

@@ -57,10 +57,9 @@ export function decideRemoval(observation: MembershipObservation): RemovalDecisi
   if (record.inSync.length === 1 && catchingUp.length === 0) return { kind: 'none', reason: `only ${record.inSync[0]} is in sync` };
   // A node on the minority side of a partition changes nothing: otherwise the last node left
   // running while a cluster is stopped one node at a time would drop every other member.
-  const reachable = 1 + record.replicas.filter((node) => node !== self && !isSilent(observation, node)).length;
-  if (reachable < majorityOf(record.replicas.length)) {
-    return { kind: 'none', reason: `${self} reaches ${reachable} of ${record.replicas.length} replicas, not a majority` };
-  }
+  // (The caller decides only while it holds a lease: the coordinator's vote is counted.)
+  const noQuorum = quorumProblem(observation, true);
+  if (noQuorum) return { kind: 'none', reason: noQuorum };
   const waiting: string[] = [];
   // Catching-up members hold writes back too (every writer mirrors to them): the same rule.
   for (const member of [...record.inSync, ...catchingUp]) {
@@ -104,9 +103,27 @@ export interface FenceObservation {
   failureTimeoutMs: number;
 }
 
-/** Replicas needed for a majority (itself included): ⌊n/2⌋ + 1. */
-export function majorityOf(replicaCount: number): number {
-  return Math.floor(replicaCount / 2) + 1;
+/** Votes needed for a majority of `voters`: ⌊n/2⌋ + 1. */
+export function majorityOf(voters: number): number {
+  return Math.floor(voters / 2) + 1;
+}
+
+/**
+ * Why this node does not have a quorum now, or undefined. The voters are the replicas and the
+ * coordinator as a witness: this node itself, every peer heard within the failure timeout, and
+ * the coordinator while this node holds a valid lease; a majority of (replicas + 1) is needed.
+ * With 3 or 5 replicas that is exactly "a majority of the replicas, and the coordinator"; with
+ * 2 it lets the survivor of a dead peer go on (with a lease), which "a majority of 2 replicas"
+ * never would. Split brain is prevented by the lease and the CAS, not by this count: a node
+ * is removed only once its lease ran out, and then it has fenced itself.
+ */
+export function quorumProblem(observation: Pick<MembershipObservation, 'self' | 'record' | 'lastHeardMs' | 'nowMs' | 'failureTimeoutMs'>, leaseValid: boolean): string | undefined {
+  const { record, self } = observation;
+  const peersHeard = record.replicas.filter((node) => node !== self && !isSilent(observation, node)).length;
+  const votes = 1 + peersHeard + (leaseValid ? 1 : 0);
+  const needed = majorityOf(record.replicas.length + 1);
+  if (votes >= needed) return undefined;
+  return `no quorum: ${self} reaches ${1 + peersHeard} of ${record.replicas.length} replicas${leaseValid ? ' and the coordinator' : ''} (${votes} of ${record.replicas.length + 1} votes, ${needed} needed) for ${observation.failureTimeoutMs} ms`;
 }
 
 /**
@@ -119,13 +136,7 @@ export function majorityOf(replicaCount: number): number {
 export function fenceReason(observation: FenceObservation): string | undefined {
   const { record, self } = observation;
   if (!observation.leaseValid) return `lease lost: ${self} holds no valid coordinator lease`;
-  const peers = record.replicas.filter((node) => node !== self);
-  const reachable = 1 + peers.filter((peer) => !isSilent(observation, peer)).length;
-  const needed = majorityOf(record.replicas.length);
-  if (reachable < needed) {
-    return `cannot reach a majority of the replicas: ${reachable} of ${record.replicas.length} reachable for ${observation.failureTimeoutMs} ms, ${needed} needed`;
-  }
-  return undefined;
+  return quorumProblem({ self, record, lastHeardMs: observation.lastHeardMs, nowMs: observation.nowMs, failureTimeoutMs: observation.failureTimeoutMs }, true);
 }
 
 /** Whether the volume takes writes: always unless strict, then only with every replica in sync. */
