@@ -55,6 +55,12 @@ describe('3 nodes mirror one volume synchronously', { skip: testServerKind() !==
       const status = await replicated(index);
       assert.equal(status.policing.mode, 'regions');
       assert.equal(status.policing.regionSizeBytes, MiB);
+      // The same in Prometheus form.
+      const metrics = await (await fetch(`${cluster.nodes[index]!.admin}/metrics`)).text();
+      const labels = `{node="n${index + 1}",volume="${cluster.volume}"}`;
+      assert.ok(metrics.includes(`mirrorsan_replicated_volume_in_sync_members${labels} 3\n`), metrics);
+      assert.ok(metrics.includes(`mirrorsan_replicated_volume_epoch${labels} ${epochs[0]}\n`), metrics);
+      assert.ok(metrics.includes(`mirrorsan_replicated_volume_in_sync_here${labels} 1\n`), metrics);
       assert.deepEqual([...status.replicas].sort(), ['n1', 'n2', 'n3']);
       assert.deepEqual([...status.inSync].sort(), ['n1', 'n2', 'n3']);
       assert.equal(status.arbiter, 'n1');

@@ -336,6 +336,11 @@ export class MirrorsanNode {
         }
       }
     }
+    for (const volume of this.replication?.openVolumes() ?? []) {
+      for (const [key, value] of Object.entries(volume.stats())) {
+        text.add(`mirrorsan_replicated_volume_${snakeCase(key)}`, 'gauge', `Replicated volume ${key}.`, value, { node: this.config.id, volume: volume.name });
+      }
+    }
     return text.toString();
   }
 

@@ -230,6 +230,11 @@ export class NodeReplication {
     await volume.close();
   }
 
+  /** The open replicated volumes (for /metrics). */
+  openVolumes(): ReplicatedVolume[] {
+    return [...this.volumes.values()];
+  }
+
   /** The newest epoch among this node's replicated volumes (0: none). */
   get highestEpoch(): number {
     let epoch = 0;

@@ -618,9 +618,31 @@ export class ReplicatedVolume implements BlockDevice {
     };
   }
 
+  /** Numbers for /metrics (one gauge each, labelled with the volume). */
   stats(): Record<string, number> {
     const store = this.store.stats();
-    return { ...this.counters, lastSequence: this.source.lastSequence, pendingOperations: this.pending.size, allocatedBytes: store.allocatedBytes };
+    const progress = this.catchUpDriver?.progressValue;
+    let slowestAckLag = 0;
+    for (const member of this.source.members) slowestAckLag = Math.max(slowestAckLag, this.source.lastSequence - (this.source.peer(member)?.ackedSeq ?? 0));
+    return {
+      ...this.counters,
+      epoch: this.membership.epoch,
+      inSyncMembers: this.membership.inSync.length,
+      replicas: this.membership.replicas.length,
+      catchingUpMembers: (this.membership.catchingUp ?? []).length,
+      inSyncHere: this.replicaState === 'in-sync' ? 1 : 0,
+      fenced: this.fence !== undefined || this.failure !== undefined ? 1 : 0,
+      regionsHeldHere: this.holder.regionsHeld,
+      writesWaitingForGrants: this.holder.writesWaiting,
+      lastSequence: this.source.lastSequence,
+      retainedEntries: this.source.retainedCount,
+      slowestMemberAckLagEntries: slowestAckLag,
+      pendingOperations: this.pending.size,
+      allocatedBytes: store.allocatedBytes,
+      catchUpPercent: progress?.percent ?? (this.replicaState === 'in-sync' ? 100 : 0),
+      catchUpBytesCopied: progress?.bytesCopied ?? 0,
+      catchUpBytesCompared: progress?.bytesCompared ?? 0,
+    };
   }
 
   /**
