@@ -25,6 +25,7 @@ import { Prng } from '../testing/prng.js';
 import { Scheduler } from '../testing/scheduler.js';
 import type { SeedRun } from '../testing/seeds.js';
 import { InvariantViolation } from '../testing/trace.js';
+import { scheduleEpochChanges } from '../testing/epoch-changes.js';
 import { Arbiter, type ArbiterBug, type ArbiterEffect } from './arbiter.js';
 import { Holder, type HolderBug, type HolderEffect } from './holder.js';
 import { describePolicingMessage, policingRecipient, type NodeId, type PolicingMessage } from './messages.js';
@@ -324,22 +325,17 @@ export function runPolicingScenario(seed: number, run: SeedRun, options: Policin
   const nodes = NODES.map((id) => new PolicingNode(id));
   // The coordinator: epoch changes at random times of the workload, each heard by every node
   // after its own delay.
-  const epochPrng = root.fork('epochs');
-  let currentEpoch = FIRST_EPOCH;
-  let currentArbiter = FIRST_ARBITER;
-  if (epochPrng.chance(options.epochChangeProbability ?? 0.5)) {
-    const changes = epochPrng.int(1, 2);
-    for (let change = 0; change < changes; change++) {
-      scheduler.after(epochPrng.int(50, workloadMs - 50), () => {
-        currentEpoch++;
-        currentArbiter = epochPrng.pick(NODES);
-        report.epochChanges++;
-        scheduler.log(`coordinator: epoch ${currentEpoch} arbiter ${currentArbiter}`);
-        const [epoch, arbiter] = [currentEpoch, currentArbiter];
-        for (const node of nodes) scheduler.after(epochPrng.int(0, 60), () => node.epochChanged(epoch, arbiter), `epoch ${epoch} -> ${node.id}`);
-      }, 'coordinator');
-    }
-  }
+  const coordinator = scheduleEpochChanges({
+    scheduler,
+    prng: root.fork('epochs'),
+    probability: options.epochChangeProbability ?? 0.5,
+    workloadMs,
+    nodes: NODES,
+    firstEpoch: FIRST_EPOCH,
+    firstArbiter: FIRST_ARBITER,
+    onChange: () => report.epochChanges++,
+    deliver: (id, epoch, arbiter) => nodes.find((node) => node.id === id)!.epochChanged(epoch, arbiter),
+  });
   const scheduleClient = (node: PolicingNode, client: number): void => {
     if (!clientsActive) return;
     scheduler.after(workload.int(0, 15), () => {
@@ -361,10 +357,10 @@ export function runPolicingScenario(seed: number, run: SeedRun, options: Policin
   report.steps += scheduler.runUntilSync(settled, { stepsMax: STEPS_MAX, deadlineMs: scheduler.nowMs() + SETTLE_DEADLINE_MS }).steps;
 
   // Quiescent: nothing waits, and whatever a node believes it holds, the arbiter agrees.
-  const arbiter = nodes.find((node) => node.id === currentArbiter)!.arbiter!;
-  assert(arbiter.epoch === currentEpoch && !arbiter.fenced, 'the last epoch\'s arbiter runs, unfenced');
+  const arbiter = nodes.find((node) => node.id === coordinator.arbiter)!.arbiter!;
+  assert(arbiter.epoch === coordinator.epoch && !arbiter.fenced, 'the last epoch\'s arbiter runs, unfenced');
   for (const node of nodes) {
-    if (node.holder.epoch !== currentEpoch) violation('liveness', `${node.id} is still in epoch ${node.holder.epoch}, not ${currentEpoch}`);
+    if (node.holder.epoch !== coordinator.epoch) violation('liveness', `${node.id} is still in epoch ${node.holder.epoch}, not ${coordinator.epoch}`);
     if (node.holder.writesWaiting !== 0 || node.holder.writesAdmitted !== 0) violation('liveness', `${node.id} still has writes after settling`);
     for (let region = 0; region < regionCount; region++) {
       const grant = node.holder.grantOf(region);

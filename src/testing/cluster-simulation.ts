@@ -67,6 +67,7 @@ import type { GrantMessage } from '../replication/codec.js';
 import { ReplicationSource, type OperationResult, type SourceBug, type SourceEffect, type SourceInboundMessage, type SourceLimits, type SourceMessage } from '../replication/engine/source.js';
 import { ReplicationTarget, type TargetEffect, type TargetInboundMessage, type TargetLimits, type TargetMessage } from '../replication/engine/target.js';
 import { checkBlockLinearizable, checkReplicasConverged, type ReadRecord, type WriteRecord as RegisterWrite } from './checker.js';
+import { scheduleEpochChanges } from './epoch-changes.js';
 import { SimNetwork, randomNetworkProfile, type Link, type NetworkHandler } from './network.js';
 import { Prng } from './prng.js';
 import { Scheduler } from './scheduler.js';
@@ -364,8 +365,6 @@ export function runClusterScenario(seed: number, run: SeedRun, options: ClusterS
   };
 
   // ---- the shell: ReplicatedVolume's composition, over an in-memory image -----------------
-  let currentEpoch = FIRST_EPOCH;
-  let currentArbiter = FIRST_ARBITER;
 
   class SimVolumeNode implements NetworkHandler<ClusterMessage> {
     readonly id: NodeId;
@@ -869,20 +868,17 @@ export function runClusterScenario(seed: number, run: SeedRun, options: ClusterS
   };
 
   // ---- the coordinator: epoch changes (same in-sync set, a new arbiter), heard late -------
-  const epochPrng = root.fork('epochs');
-  if (epochPrng.chance(options.epochChangeProbability ?? 0.5)) {
-    const changes = epochPrng.int(1, 2);
-    for (let change = 0; change < changes; change++) {
-      scheduler.after(epochPrng.int(50, workloadMs - 50), () => {
-        currentEpoch++;
-        currentArbiter = epochPrng.pick(NODES);
-        report.epochChanges++;
-        scheduler.log(`coordinator: epoch ${currentEpoch} arbiter ${currentArbiter}`);
-        const [epoch, arbiter] = [currentEpoch, currentArbiter];
-        for (const node of nodes) scheduler.after(epochPrng.int(0, 60), () => node.changeMembership(epoch, arbiter), `epoch ${epoch} -> ${node.id}`);
-      }, 'coordinator');
-    }
-  }
+  const coordinator = scheduleEpochChanges({
+    scheduler,
+    prng: root.fork('epochs'),
+    probability: options.epochChangeProbability ?? 0.5,
+    workloadMs,
+    nodes: NODES,
+    firstEpoch: FIRST_EPOCH,
+    firstArbiter: FIRST_ARBITER,
+    onChange: () => report.epochChanges++,
+    deliver: (id, epoch, arbiter) => nodeOf(id).changeMembership(epoch, arbiter),
+  });
 
   // ---- run ----------------------------------------------------------------------------------
   for (const node of nodes) network.start(node.id, node);
@@ -895,7 +891,7 @@ export function runClusterScenario(seed: number, run: SeedRun, options: ClusterS
   clientsActive = false;
   network.stopFaults();
   scheduler.log('workload over: faults stop, clients stop');
-  const quiescent = (): boolean => operationsOutstanding === 0 && network.settled && nodes.every((node) => node.idle(currentEpoch));
+  const quiescent = (): boolean => operationsOutstanding === 0 && network.settled && nodes.every((node) => node.idle(coordinator.epoch));
   report.steps += scheduler.runUntilSync(quiescent, { stepsMax: STEPS_MAX, deadlineMs: scheduler.nowMs() + SETTLE_DEADLINE_MS }).steps;
   scheduler.log('quiescent');
 
@@ -930,8 +926,8 @@ export function runClusterScenario(seed: number, run: SeedRun, options: ClusterS
   const converged = checkReplicasConverged(nodes.map((node) => ({ name: node.id, bytes: node.image })));
   if (!converged.ok) violation(converged.invariant, converged.message);
   // Whatever a holder believes it holds, the arbiter of the last epoch agrees.
-  const arbiter = nodeOf(currentArbiter).arbiter;
-  assert(arbiter !== undefined && arbiter.epoch === currentEpoch, 'the last epoch\'s arbiter runs');
+  const arbiter = nodeOf(coordinator.arbiter).arbiter;
+  assert(arbiter !== undefined && arbiter.epoch === coordinator.epoch, 'the last epoch\'s arbiter runs');
   for (const node of nodes) {
     for (let region = 0; region < regionCount; region++) {
       const grant = node.holder.grantOf(region);
