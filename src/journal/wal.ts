@@ -407,7 +407,8 @@ export class WriteAheadLog {
    */
   append(entry: LogEntry, payload?: Buffer): Promise<void> {
     assert(this.ready, 'wal: replay() must run before append()');
-    assert(entry.sequence === this.appendedSequence + 1, `wal: append of sequence ${entry.sequence} after ${this.appendedSequence}`);
+    // The message is built only on failure: this runs for every entry.
+    if (entry.sequence !== this.appendedSequence + 1) assert(false, `wal: append of sequence ${entry.sequence} after ${this.appendedSequence}`);
     if (this.failure) throw this.failure;
     if (this.closed) throw new MirrorsanError('JOURNAL_CLOSED', `wal ${this.dir} is closed`);
     if (this.waiting.length >= this.maxWaitingAppends) {
@@ -438,7 +439,7 @@ export class WriteAheadLog {
    */
   sync(sequence?: number): Promise<void> {
     const target = sequence ?? this.appendedSequence;
-    assert(target <= this.appendedSequence, `wal: sync of sequence ${target} beyond ${this.appendedSequence}`);
+    if (target > this.appendedSequence) assert(false, `wal: sync of sequence ${target} beyond ${this.appendedSequence}`);
     if (target <= this.durableSequence) return Promise.resolve();
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<void>((resolve, reject) => {
@@ -653,7 +654,7 @@ export class WriteAheadLog {
   }
 
   private endOf(segment: Segment): number {
-    assert(segment.endOffset !== undefined, `wal: end of ${segment.file} unknown`);
+    if (segment.endOffset === undefined) assert(false, `wal: end of ${segment.file} unknown`);
     return segment.endOffset;
   }
 

@@ -5,6 +5,7 @@ import fc from 'fast-check';
 import { MirrorsanError, isMirrorsanError } from '../errors.js';
 import { ENTRY_TYPE } from '../journal/entry.js';
 import { crc32c } from '../util/crc32c.js';
+import { isHandedOver } from '../util/payload-copy.js';
 import {
   ERROR_MESSAGE_BYTES_MAX,
   FRAME_BODY_MAX_BYTES,
@@ -170,6 +171,9 @@ describe('replication codec: round trips', () => {
     assert.notEqual(three.payload.buffer, whole.buffer);
     assert.equal(three.payload.length, 4096);
     assert.ok(three.payload.equals(payload));
+    // Only that copy is handed over (a holder may keep it without copying); views are not.
+    assert.ok(isHandedOver(three.payload));
+    assert.ok(!isHandedOver(one.payload) && !isHandedOver(two.payload));
   });
 
   it('round-trips a maximum-size WRITE in 64 KiB chunks', () => {

@@ -281,9 +281,21 @@ function isU64(value: number): boolean {
   return Number.isSafeInteger(value) && value >= 0;
 }
 
+/**
+ * Encoded names, by name: every frame carries the same few (volume, source), and encoding
+ * them anew cost two allocations per frame. Bounded: cleared when full. The buffers are only
+ * ever copied into frames, never handed out.
+ */
+const encodedNames = new Map<string, Buffer>();
+const ENCODED_NAMES_MAX = 256;
+
 function nameBytes(text: string, what: string): Buffer {
+  const known = encodedNames.get(text);
+  if (known !== undefined) return known;
   const bytes = Buffer.from(text, 'utf8');
-  assert(bytes.length >= 1 && bytes.length <= NAME_BYTES_MAX, `${what} must be 1..${NAME_BYTES_MAX} bytes of UTF-8`);
+  if (!(bytes.length >= 1 && bytes.length <= NAME_BYTES_MAX)) assert(false, `${what} must be 1..${NAME_BYTES_MAX} bytes of UTF-8`);
+  if (encodedNames.size >= ENCODED_NAMES_MAX) encodedNames.clear();
+  encodedNames.set(text, bytes);
   return bytes;
 }
 
@@ -313,7 +325,8 @@ class BodyWriter {
     this.at = this.buffer.writeUInt32BE(value, this.at);
   }
   u64(value: number, what: string): void {
-    assert(isU64(value), `${what} must be an integer in [0, 2^53): ${value}`);
+    // The message is built only on failure: every frame writes several.
+    if (!isU64(value)) assert(false, `${what} must be an integer in [0, 2^53): ${value}`);
     this.buffer.writeUInt32BE(Math.floor(value / TWO_POW_32), this.at);
     this.buffer.writeUInt32BE(value % TWO_POW_32, this.at + 4);
     this.at += 8;
@@ -360,10 +373,10 @@ function encodeFields(message: ReplicationMessage): Buffer {
       const volume = nameBytes(message.volume, 'volume');
       const source = nameBytes(message.source, 'source');
       const isData = message.entryType === ENTRY_TYPE.WRITE;
-      assert(isData || message.entryType === ENTRY_TYPE.ZERO || message.entryType === ENTRY_TYPE.TRIM, `entryType ${String(message.entryType)} cannot travel in a WRITE frame`);
+      if (!(isData || message.entryType === ENTRY_TYPE.ZERO || message.entryType === ENTRY_TYPE.TRIM)) assert(false, `entryType ${String(message.entryType)} cannot travel in a WRITE frame`);
       assert(message.lengthBytes >= 1 && isU64(message.offset + message.lengthBytes), 'offset/lengthBytes out of range');
       assert(message.payload.length === (isData ? message.lengthBytes : 0), 'payload length must be lengthBytes for WRITE, 0 for ZERO/TRIM');
-      assert(message.payload.length <= WRITE_PAYLOAD_MAX_BYTES, `payload larger than ${WRITE_PAYLOAD_MAX_BYTES} bytes`);
+      assert(message.payload.length <= WRITE_PAYLOAD_MAX_BYTES, 'payload larger than WRITE_PAYLOAD_MAX_BYTES');
       const w = start(WRITE_FIXED_BYTES + volume.length + source.length);
       w.u64(message.epoch, 'epoch');
       w.u64(message.sequence, 'sequence');
@@ -457,7 +470,7 @@ export function encodeFrame(message: ReplicationMessage): Buffer[] {
   const frame = encodeFields(message);
   const payload = message.type === 'WRITE' ? message.payload : EMPTY;
   const bodyLength = frame.length - FRAME_HEADER_BYTES + payload.length;
-  assert(bodyLength <= BODY_BYTES[message.type].max, `${message.type} body of ${bodyLength} bytes over its maximum`);
+  if (bodyLength > BODY_BYTES[message.type].max) assert(false, `${message.type} body of ${bodyLength} bytes over its maximum`);
   frame.writeUInt32BE(FRAME_MAGIC, 0);
   frame.writeUInt8(PROTOCOL_VERSION, 4);
   frame.writeUInt8(MESSAGE_TYPE[message.type], 5);
@@ -538,7 +551,9 @@ class BodyReader {
     return bytes.toString('utf8');
   }
   name(what: string): string {
-    const length = this.u8(`${what} length`);
+    // Not this.u8(`${what} length`): that would build the string for every name of every frame.
+    if (this.at + 1 > this.buffer.length) throw badFrame(`${this.type} frame ends inside ${what} length`);
+    const length = this.buffer[this.at++]!;
     if (length > NAME_BYTES_MAX) throw badFrame(`${this.type} ${what} longer than ${NAME_BYTES_MAX} bytes`);
     return this.text(length, what, 1);
   }

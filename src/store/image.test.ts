@@ -1,6 +1,7 @@
 // Proves the image file shell: sparse creation, positional vectored writes and reads,
 // freeing space by punching holes (large aligned ranges) or writing zeros (small ranges, or
-// when the fallocate tool is missing, said once in the log), and injected write faults.
+// when the fallocate tool is missing, said once in the log), injected write faults, and large
+// writes split into concurrent pieces.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
@@ -8,15 +9,15 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { isMirrorsanError } from '../errors.js';
 import { createMemoryLogger } from '../util/log.js';
-import { ImageFile } from './image.js';
+import { ImageFile, WRITE_PIECE_BYTES } from './image.js';
 
 const MiB = 1024 * 1024;
 
-async function tempImage(t: { after: (fn: () => Promise<void>) => void }, faults?: { failImageWrites: () => boolean }) {
+async function tempImage(t: { after: (fn: () => Promise<void>) => void }, faults?: { failImageWrites: () => boolean }, writePieceBytes?: number) {
   const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'mirrorsan-img-'));
   const logger = createMemoryLogger();
   const file = path.join(dir, 'volume.img');
-  const image = await ImageFile.open({ path: file, sizeBytes: 16 * MiB, blockSizeBytes: 4096, create: true, logger, ...(faults ? { faults } : {}) });
+  const image = await ImageFile.open({ path: file, sizeBytes: 16 * MiB, blockSizeBytes: 4096, create: true, logger, ...(faults ? { faults } : {}), ...(writePieceBytes !== undefined ? { writePieceBytes } : {}) });
   t.after(async () => {
     await image.close();
     await fs.promises.rm(dir, { recursive: true, force: true });
@@ -82,4 +83,15 @@ test('an injected fault fails image writes with STORE_IO (EIO) and nothing else'
   await assert.rejects(image.write(0, [Buffer.alloc(4096, 2)]), (e: unknown) => isMirrorsanError(e, 'STORE_IO') && /EIO/.test(e.message));
   await assert.rejects(image.writeZeros(0, 4096), (e: unknown) => isMirrorsanError(e, 'STORE_IO'));
   assert.equal((await readBack(image, 0, 1))[0], 1, 'reads still work');
+});
+
+test('with writePieceBytes, a larger write lands whole, in concurrent pieces, at any offset', async (t) => {
+  const { image } = await tempImage(t, undefined, WRITE_PIECE_BYTES);
+  const length = 5 * WRITE_PIECE_BYTES + 1234;
+  const data = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) data[i] = (i * 131 + 17) & 0xff;
+  await image.write(3 * MiB + 777, [data]);
+  assert.deepEqual(await readBack(image, 3 * MiB + 777, length), data);
+  assert.deepEqual(await readBack(image, 3 * MiB + 770, 7), Buffer.alloc(7), 'nothing before it');
+  assert.deepEqual(await readBack(image, 3 * MiB + 777 + length, 9), Buffer.alloc(9), 'nothing after it');
 });

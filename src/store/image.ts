@@ -18,6 +18,19 @@ const ZERO_CHUNK_BYTES = 1024 * 1024;
 const ZERO_CHUNK = Buffer.alloc(ZERO_CHUNK_BYTES);
 /** Bytes of zeros per writev call, so a huge zero range does not monopolise a pool thread. */
 const ZERO_WRITE_MAX_BYTES = 64 * 1024 * 1024;
+/**
+ * A good `writePieceBytes` (see ImageOpenOptions) where small random writes follow large ones.
+ * The page cache sizes its folios after the write that creates them (Linux 6.x, ext4 with
+ * large folios): one 1 MiB pwrite makes a 1 MiB folio, and every later 4 KiB write into it
+ * walks all of its 256 block buffers (measured here on a 256 MiB image filled with 1 MiB
+ * writes: 7.7 us per 4 KiB pwrite against 3.5 us after 64 KiB writes in a tight loop, and
+ * ~25 us against ~6 us inside a loaded node, where those buffers are cold). The price: one
+ * thread-pool request and completion per piece, and pieces contending for the file's inode
+ * lock. Measured on a 2-way replicated volume: random 4 KiB writes after a sequential fill at
+ * 1.7x the rate, 1 MiB writes ~5% slower; on the single-node volume, whose event loop is
+ * already the limit for 1 MiB writes, 1 MiB writes fell by a third (so it is not the default).
+ */
+export const WRITE_PIECE_BYTES = 64 * 1024;
 
 /** Test-only fault injection; never set by production configuration. */
 export interface ImageFaults {
@@ -36,6 +49,11 @@ export interface ImageOpenOptions {
   faults?: ImageFaults;
   /** Reads and writes up to this size may run inline on the event loop. Default 64 KiB; 0 never. */
   inlineIoMaxBytes?: number;
+  /**
+   * Writes of one buffer larger than this go to the file as concurrent positional writes of
+   * this size (see WRITE_PIECE_BYTES for why). 0 (the default): one write.
+   */
+  writePieceBytes?: number;
 }
 
 export interface ImageStats {
@@ -61,9 +79,12 @@ export class ImageFile {
   private readonly counters = { datasyncs: 0, punchedBytes: 0, zeroWrittenBytes: 0 };
   /** Small reads and writes run inline while the page cache answers fast (see InlineIoPolicy). */
   readonly ioPolicy: InlineIoPolicy;
+  private readonly writePieceBytes: number;
 
   private constructor(options: ImageOpenOptions, fd: number) {
     this.ioPolicy = new InlineIoPolicy({ inlineMaxBytes: options.inlineIoMaxBytes ?? 64 * 1024 });
+    this.writePieceBytes = options.writePieceBytes ?? 0;
+    assert(Number.isSafeInteger(this.writePieceBytes) && this.writePieceBytes >= 0, `image write piece of ${this.writePieceBytes} bytes`);
     this.path = options.path;
     this.sizeBytes = options.sizeBytes;
     this.blockSizeBytes = options.blockSizeBytes;
@@ -123,11 +144,24 @@ export class ImageFile {
     this.checkRange(offset, length);
     this.injectFault('write', offset, length);
     try {
-      if (buffers.length === 1) await writeAll(this.fd, buffers[0]!, offset, this.ioPolicy);
+      if (buffers.length === 1 && this.writePieceBytes > 0 && buffers[0]!.length > this.writePieceBytes) await this.writeInPieces(offset, buffers[0]!);
+      else if (buffers.length === 1) await writeAll(this.fd, buffers[0]!, offset, this.ioPolicy);
       else await writevAll(this.fd, buffers, offset);
     } catch (error) {
       throw this.ioError('write', offset, length, error);
     }
+  }
+
+  /** `data` at `offset` as concurrent writes of writePieceBytes, all settled before it returns. */
+  private async writeInPieces(offset: number, data: Buffer): Promise<void> {
+    const pieces: Promise<void>[] = [];
+    const piece = this.writePieceBytes;
+    for (let at = 0; at < data.length; at += piece) {
+      pieces.push(writeAll(this.fd, data.subarray(at, Math.min(data.length, at + piece)), offset + at));
+    }
+    // Every piece settles before a failure is reported: none may still be writing afterwards.
+    const results = await Promise.allSettled(pieces);
+    for (const result of results) if (result.status === 'rejected') throw result.reason;
   }
 
   async writeZeros(offset: number, length: number): Promise<void> {
@@ -203,11 +237,11 @@ export class ImageFile {
   }
 
   private checkRange(offset: number, length: number): void {
-    assert(!this.closed, `image ${this.path} used after close`);
-    assert(
-      Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= this.sizeBytes,
-      `image range [${offset}, ${offset + length}) outside ${this.sizeBytes} bytes`,
-    );
+    // Messages are built only on failure: this runs for every read and write.
+    if (this.closed) assert(false, `image ${this.path} used after close`);
+    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= this.sizeBytes)) {
+      assert(false, `image range [${offset}, ${offset + length}) outside ${this.sizeBytes} bytes`);
+    }
   }
 
   private injectFault(operation: string, offset: number, length: number): void {

@@ -93,7 +93,7 @@ import { ENTRY_TYPE, type LogEntry } from '../journal/entry.js';
 import { WriteAheadLog, type ReplayResult } from '../journal/wal.js';
 import { AllocationMap } from '../store/alloc-map.js';
 import { writeFileDurable } from '../store/file-io.js';
-import { ImageFile, fileExists } from '../store/image.js';
+import { ImageFile, WRITE_PIECE_BYTES, fileExists, type ImageFaults } from '../store/image.js';
 import { RangeLock } from '../store/range-lock.js';
 import { SupersedeIndex } from '../store/supersede-index.js';
 import { CoalescedRun } from '../util/coalesced-run.js';
@@ -139,6 +139,8 @@ export interface ReplicaStoreOptions {
    * payload-less DIRECT_WRITE entries. Default 64 KiB; 0 turns it off.
    */
   directWriteMinBytes?: number;
+  /** Test-only fault injection on the image; never set by production configuration. */
+  faults?: ImageFaults;
 }
 
 /** One entry of a source's stream, as the mirror engine's target hands it over. */
@@ -186,6 +188,8 @@ export interface ReplicaStoreStats {
   /** Entries applied as DIRECT_WRITE (own and remote), and fdatasyncs of the image. */
   directWrites: number;
   imageSyncs: number;
+  /** Bytes of entries in the own WAL. */
+  ownLogBytes: number;
   sources: Record<string, { received: number; spilled: number; durable: number; checkpoint: number; partitionEntries: number; partitionBytes: number; containerBytes: number }>;
 }
 
@@ -417,6 +421,10 @@ export class ReplicaStore {
       blockSizeBytes: record.blockSizeBytes,
       logger: options.logger.child('image'),
       create: false,
+      // Large (direct) writes in pieces: every replica of a volume takes the small random
+      // writes that follow a sequential fill (see WRITE_PIECE_BYTES).
+      writePieceBytes: WRITE_PIECE_BYTES,
+      ...(options.faults ? { faults: options.faults } : {}),
     });
     const logs: { name: string; wal: WriteAheadLog; fromSequence: number }[] = [];
     try {
@@ -728,6 +736,7 @@ export class ReplicaStore {
       checkpoints: this.checkpointCount,
       directWrites: this.directApplied,
       imageSyncs: this.imageSyncCount,
+      ownLogBytes: this.ownWal.bytes,
       sources,
     };
   }
@@ -818,6 +827,8 @@ export class ReplicaStore {
       } catch (error) {
         return Promise.reject(this.noteFailure(error));
       }
+      // Surfaced through the chain; never an unhandled rejection (a failed chain skips it).
+      appended.catch(() => undefined);
       return this.chain(source, () => appended);
     }
     return this.chain(source, async () => {
@@ -884,9 +895,11 @@ export class ReplicaStore {
     }
   }
 
-  /** A direct write failed: nothing after it can be logged in order. */
+  /** A direct write failed: nothing after it can be logged in order, so the store takes no more. */
   private failOwnQueue(error: unknown): void {
-    const failure = this.noteFailure(error);
+    const failure = this.noteFailure(
+      isMirrorsanError(error, 'STORE_IO') || isMirrorsanError(error, 'JOURNAL_IO') ? error : new MirrorsanError('STORE_IO', `replica store ${this.dir}: an own direct write failed: ${String(error)}`, { cause: error }),
+    );
     for (const item of this.ownQueue.splice(0)) item.reject(failure);
     for (const waiter of this.ownAppendWaiters.splice(0)) waiter.reject(failure);
   }
