@@ -73,6 +73,12 @@ describe('3 nodes mirror one volume synchronously', { skip: testServerKind() !==
     for (const index of [1, 2]) {
       await qemuIo(index, 'read -P 0xa1 0 1M');
       await qemuIo(index, `read -P 0xa2 ${8 * MiB} 256k`);
+      // Block status (base:allocation) through the other nodes: data where n1 wrote, holes elsewhere.
+      const map = JSON.parse((await runOk('qemu-img', ['map', '--output=json', '-f', 'raw', uri(index)])).stdout) as { start: number; length: number; data: boolean }[];
+      const dataAt = (offset: number) => map.find((extent) => extent.start <= offset && offset < extent.start + extent.length)?.data;
+      assert.equal(dataAt(0), true, JSON.stringify(map));
+      assert.equal(dataAt(8 * MiB + 4096), true, JSON.stringify(map));
+      assert.equal(dataAt(4 * MiB), false, JSON.stringify(map));
     }
   }));
 

@@ -100,6 +100,10 @@ import { CoalescedRun } from '../util/coalesced-run.js';
 import { crc32c } from '../util/crc32c.js';
 import type { Logger } from '../util/log.js';
 import { VolumeApplier } from './applier.js';
+import type { Extent } from './device.js';
+
+/** Extents one block status answer may hold (the client asks again for the rest). */
+const BLOCK_STATUS_EXTENTS_MAX = 65_536;
 
 const MiB = 1024 * 1024;
 const TWO_POW_32 = 0x1_0000_0000;
@@ -606,6 +610,28 @@ export class ReplicaStore {
     } catch (error) {
       throw this.noteFailure(error);
     }
+  }
+
+  /**
+   * Allocation of [offset, offset+length) for NBD block status: holes read as zeros. While an
+   * overlapping entry is still on its way to the image (it may be acknowledged already) the
+   * whole range is reported as data: never wrong, only less sparse. At most
+   * BLOCK_STATUS_EXTENTS_MAX extents; the rest is left for the client to ask again.
+   */
+  blockStatus(offset: number, length: number): Extent[] {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    const bs = this.blockSizeBytes;
+    const end = offset + length;
+    if (this.locks.overlapping(Math.floor(offset / bs) * bs, Math.ceil(end / bs) * bs) !== undefined) {
+      return [{ offset, length, hole: false, zero: false }];
+    }
+    const firstBlock = Math.floor(offset / bs);
+    return this.map.runs(firstBlock, Math.ceil(end / bs) - firstBlock, BLOCK_STATUS_EXTENTS_MAX).map((run) => {
+      const start = Math.max(offset, run.firstBlock * bs);
+      const stop = Math.min(end, (run.firstBlock + run.blockCount) * bs);
+      return { offset: start, length: stop - start, hole: !run.allocated, zero: !run.allocated };
+    });
   }
 
   /**

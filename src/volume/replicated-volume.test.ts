@@ -149,6 +149,17 @@ test('a write through any replica is read back through every other; the grant mo
       assert.equal(bytes[12288], 0xa1);
     }
 
+    // Block status: the same allocation on every replica (data where written, holes elsewhere).
+    for (const id of NODES) {
+      const extents = v(id).blockStatus(0, 1024 * 1024);
+      assert.deepEqual(extents, [
+        { offset: 0, length: 8192, hole: false, zero: false }, // zeroed without trim, and n2's block
+        { offset: 8192, length: 4096, hole: true, zero: true }, // trimmed
+        { offset: 12288, length: 65536 - 12288, hole: false, zero: false }, // the rest of n1's 64 KiB
+        { offset: 65536, length: 1024 * 1024 - 65536, hole: true, zero: true }, // never written
+      ], `${id}'s allocation`);
+    }
+
     // Many concurrent writes from two nodes: every replica ends with the same bytes.
     const writes: Promise<void>[] = [];
     for (let i = 0; i < 64; i++) {

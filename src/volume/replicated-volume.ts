@@ -455,8 +455,10 @@ export class ReplicatedVolume implements BlockDevice {
   }
 
   blockStatus(offset: number, length: number): Extent[] {
-    // The store keeps its allocation map to itself: report data (never wrong, only less sparse).
-    return [{ offset, length: Math.min(length, this.sizeBytes - offset), hole: false, zero: false }];
+    // Like a read: only an in-sync, unfenced replica answers (its map may be stale otherwise).
+    // Every replica applies the same entries in the same order, so its map is the volume's.
+    this.checkUsable();
+    return this.store.blockStatus(offset, Math.min(length, this.sizeBytes - offset));
   }
 
   // ---- peer inputs (from the node's shell) -------------------------------------------------
