@@ -1,6 +1,6 @@
 // `mirrorsan status`: a node's /v1/status as a table (or raw JSON with --json).
 import { MirrorsanError } from '../errors.js';
-import { formatSize } from '../util/size.js';
+import { formatSize, formatSizeApprox } from '../util/size.js';
 
 interface ReplicatedVolumeStatus {
   name: string;
@@ -12,7 +12,9 @@ interface ReplicatedVolumeStatus {
   strict?: boolean;
   degraded?: boolean;
   /** Per replica as the node sees it (issue 5). */
-  replicaStates?: { node: string; state: 'in-sync' | 'out-of-sync' | 'fenced' }[];
+  replicaStates?: { node: string; state: 'in-sync' | 'catching-up' | 'out-of-sync' | 'fenced' }[];
+  /** This replica's catch-up, while (or after) it copies what it missed. */
+  catchUp?: { state: string; percent: number; bytesTotal: number; bytesCompared: number; bytesCopied: number; rateBytesPerSec: number; etaSeconds: number | null; lastError: string | null } | null;
   policing?: {
     mode: 'single-writer' | 'regions';
     regionSizeBytes: number;
@@ -84,7 +86,15 @@ export async function runStatusCommand(options: { admin: string; json?: boolean 
     printTable(replicatedRows);
     for (const volume of replicated) {
       const here = volume.replicaStates?.find((replica) => replica.node === status.node.id)?.state;
-      if (here === 'out-of-sync') process.stdout.write(`${volume.name}: ${status.node.id} is OUT OF SYNC and fenced: I/O here is refused until it catches up (${volume.fence ?? 'not in the in-sync set'})\n`);
+      const catchUp = volume.catchUp;
+      if (here === 'catching-up' && catchUp) {
+        const eta = catchUp.etaSeconds === null ? 'unknown' : `${catchUp.etaSeconds} s`;
+        process.stdout.write(
+          `${volume.name}: ${status.node.id} is CATCHING UP (${catchUp.state}): ${catchUp.percent}% compared ` +
+            `(${formatSizeApprox(catchUp.bytesCompared)} of ${formatSizeApprox(catchUp.bytesTotal)}), ${formatSizeApprox(catchUp.bytesCopied)} copied, ` +
+            `${formatSizeApprox(catchUp.rateBytesPerSec)}/s, ETA ${eta}${catchUp.lastError ? `; last error: ${catchUp.lastError}` : ''}\n`,
+        );
+      } else if (here === 'out-of-sync') process.stdout.write(`${volume.name}: ${status.node.id} is OUT OF SYNC and fenced: I/O here is refused until it catches up (${volume.fence ?? 'not in the in-sync set'})\n`);
       else if (volume.fence) process.stdout.write(`${volume.name}: ${status.node.id} is FENCED: I/O here is refused: ${volume.fence}\n`);
       if (volume.degraded) {
         const missing = (volume.replicaStates ?? []).filter((replica) => replica.state === 'out-of-sync').map((replica) => replica.node);

@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { isMirrorsanError } from '../errors.js';
-import { formatSize, parseSize } from './size.js';
+import { formatSize, formatSizeApprox, parseSize } from './size.js';
 
 test('parses bytes and binary units', () => {
   assert.equal(parseSize('4096'), 4096);
@@ -23,4 +23,11 @@ test('formats whole binary units', () => {
   assert.equal(formatSize(1024 ** 3), '1GiB');
   assert.equal(formatSize(1536), '1536B');
   assert.equal(formatSize(512 * 1024 * 1024), '512MiB');
+});
+
+test('formatSizeApprox rounds to one decimal in the largest unit', () => {
+  assert.equal(formatSizeApprox(0), '0B');
+  assert.equal(formatSizeApprox(1023), '1023B');
+  assert.equal(formatSizeApprox(189_234_567), '180.5MiB');
+  assert.equal(formatSizeApprox(64 * 1024 ** 3), '64.0GiB');
 });

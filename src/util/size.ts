@@ -34,3 +34,15 @@ export function formatSize(bytes: number): string {
   }
   return `${value}${units[unit]}`;
 }
+
+/** A size for people, rounded to one decimal in the largest fitting unit: "180.5MiB". */
+export function formatSizeApprox(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = Math.max(0, bytes);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${Math.round(value)}B` : `${value.toFixed(1)}${units[unit]}`;
+}
