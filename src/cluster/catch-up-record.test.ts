@@ -1,8 +1,8 @@
-// Proves the catch-up record changes: a replica outside the in-sync set joins catchingUp at the next epoch (once), a catching-up replica is promoted into inSync (once), and neither applies to a node that is not in the state it requires; every result passes the record validation.
+// Proves the catch-up record changes: a replica outside the in-sync set joins catchingUp at the next epoch (once), an in-sync replica that restarted with unacknowledged writes leaves for catchingUp (never the last in-sync one), a catching-up replica is promoted into inSync (once), and neither applies to a node that is not in the state it requires; every result passes the record validation.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { volumeRecordProblem, type VolumeRecord } from './coordinator.js';
-import { joinCatchUp, promoteCaughtUp } from './catch-up-record.js';
+import { joinCatchUp, leaveToCatchUp, promoteCaughtUp } from './catch-up-record.js';
 
 const base: VolumeRecord = { epoch: 7, replicas: ['n1', 'n2', 'n3'], inSync: ['n1', 'n2'], arbiter: 'n1', updatedAtMs: 1 };
 
@@ -31,4 +31,13 @@ test('the record validation refuses a catchingUp member that is in sync or not a
   assert.match(volumeRecordProblem({ ...base, catchingUp: ['n1'] }) ?? '', /outside inSync/);
   assert.match(volumeRecordProblem({ ...base, catchingUp: ['n9'] }) ?? '', /outside inSync/);
   assert.match(volumeRecordProblem({ ...base, catchingUp: ['n3', 'n3'] }) ?? '', /distinct/);
+});
+
+test('an in-sync replica leaves for catchingUp, keeping the arbiter; never the last in-sync member', () => {
+  const all: VolumeRecord = { ...base, inSync: ['n1', 'n2', 'n3'] };
+  const left = leaveToCatchUp(all, 'n1', 3);
+  assert.deepEqual(left, { ...all, epoch: 8, inSync: ['n2', 'n3'], catchingUp: ['n1'], updatedAtMs: 3 });
+  assert.equal(volumeRecordProblem(left), undefined);
+  assert.equal(leaveToCatchUp(left!, 'n1', 4), undefined, 'not in sync any more');
+  assert.equal(leaveToCatchUp({ ...base, inSync: ['n1'] }, 'n1', 4), undefined, 'the last in-sync member holds the only copy');
 });

@@ -13,6 +13,21 @@ export function joinCatchUp(record: VolumeRecord, self: string, nowMs: number): 
   return { ...record, epoch: record.epoch + 1, catchingUp: [...catchingUp, self], updatedAtMs: nowMs };
 }
 
+/**
+ * `self` restarted with writes of its own the others never received: from in sync to catching
+ * up. Never the last in-sync member (it holds the only copy then). The arbiter stays.
+ */
+export function leaveToCatchUp(record: VolumeRecord, self: string, nowMs: number): VolumeRecord | undefined {
+  if (!record.inSync.includes(self) || record.inSync.length < 2) return undefined;
+  return {
+    ...record,
+    epoch: record.epoch + 1,
+    inSync: record.inSync.filter((node) => node !== self),
+    catchingUp: [...(record.catchingUp ?? []), self],
+    updatedAtMs: nowMs,
+  };
+}
+
 /** `self` finished its catch-up: from catching up to in sync (it must still be catching up). */
 export function promoteCaughtUp(record: VolumeRecord, self: string, nowMs: number): VolumeRecord | undefined {
   const catchingUp = record.catchingUp ?? [];

@@ -10,7 +10,7 @@
 // Epoch changes reach the volumes through NodeReplication's record watch; a successful CAS
 // here is also applied at once (the watch would deliver it one poll later).
 import type { Coordinator, NodeSession, VolumeRecord, VolumeSpec } from '../cluster/index.js';
-import { joinCatchUp, promoteCaughtUp } from '../cluster/catch-up-record.js';
+import { joinCatchUp, leaveToCatchUp, promoteCaughtUp } from '../cluster/catch-up-record.js';
 import { decideRemoval, fenceReason, type RemovalDecision } from '../cluster/membership.js';
 import { assert, isMirrorsanError } from '../errors.js';
 import type { Logger } from '../util/log.js';
@@ -126,6 +126,19 @@ export class MembershipMonitor {
       this.maybeRemove(state, nowMs);
       this.maybeJoinCatchUp(state, nowMs);
     }
+  }
+
+  /** The volume must catch up although it is in sync (see ReplicatedVolume): true once the record says so. */
+  async leaveToCatchUp(name: string): Promise<boolean> {
+    const state = this.volumes.get(name);
+    if (!state) return false;
+    await state.catchUpChange;
+    const change = this.changeRecord(state, 'leave', (record) => leaveToCatchUp(record, this.options.self, Date.now()));
+    state.catchUpChange = change;
+    await change.finally(() => {
+      if (state.catchUpChange === change) state.catchUpChange = undefined;
+    });
+    return (state.record.catchingUp ?? []).includes(this.options.self);
   }
 
   /**
@@ -262,7 +275,7 @@ export class MembershipMonitor {
   }
 
   /** A catch-up record change by CAS: up to REJOIN_ATTEMPTS_MAX tries, each from the newest record. */
-  private async changeRecord(state: VolumeState, what: 'join' | 'promote', next: (record: VolumeRecord) => VolumeRecord | undefined): Promise<void> {
+  private async changeRecord(state: VolumeState, what: 'join' | 'promote' | 'leave', next: (record: VolumeRecord) => VolumeRecord | undefined): Promise<void> {
     for (let attempt = 1; attempt <= REJOIN_ATTEMPTS_MAX && !this.closed; attempt++) {
       const record = state.record;
       const proposed = next(record);
@@ -270,7 +283,8 @@ export class MembershipMonitor {
       try {
         const result = await this.coordinator.casVolumeRecord(state.name, record.epoch, proposed);
         if (result.ok) {
-          this.logger.info(what === 'join' ? 'catching up: joined the volume\'s catching-up set' : 'caught up: back in the in-sync set', { volume: state.name, epoch: proposed.epoch });
+          const message = { join: 'catching up: joined the volume\'s catching-up set', promote: 'caught up: back in the in-sync set', leave: 'left the in-sync set to catch up' }[what];
+          this.logger.info(message, { volume: state.name, epoch: proposed.epoch });
           this.adopt(state, proposed);
           return;
         }

@@ -191,6 +191,7 @@ export class NodeReplication {
         ? {
             catchUp: {
               caughtUp: () => this.monitorFor(coordinator).caughtUp(spec.name),
+              leave: () => this.monitorFor(coordinator).leaveToCatchUp(spec.name),
               rateBytesPerSec: this.options.catchUpRateBytesPerSec ?? 0,
             },
           }

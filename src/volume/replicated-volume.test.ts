@@ -443,3 +443,54 @@ test('[seed 30] a grant released by a completion inside a source batch: its sync
     await loop.close();
   }
 });
+
+test('[restart] a writer that restarts with a write nobody else received leaves the in-sync set, catches up, and that write is gone everywhere', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  let membership: ReplicaMembership = { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' };
+  const everyone = (next: ReplicaMembership): void => {
+    membership = next;
+    for (const volume of loop.volumes.values()) volume.changeMembership(next);
+  };
+  const hooks = (): ReplicatedVolumeOptions['catchUp'] => ({
+    leave: async () => {
+      everyone({ ...membership, epoch: membership.epoch + 1, inSync: membership.inSync.filter((node) => node !== 'n1'), catchingUp: ['n1'] });
+      return true;
+    },
+    caughtUp: async () => {
+      everyone({ epoch: membership.epoch + 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' });
+    },
+  });
+  const loop = await openCluster(root, 64 * 1024, 'sync', () => hooks());
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(65536, 1), { fua: true }), 5000, 'a write everyone has');
+    // n1 writes while cut off (logged and applied on n1 only, never acknowledged), then "crashes".
+    loop.sever('n1', 'n2');
+    loop.sever('n1', 'n3');
+    const lost = v('n1').write(0, Buffer.alloc(65536, 0xee), { fua: false });
+    lost.catch(() => undefined);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const crashed = v('n1');
+    loop.volumes.delete('n1'); // nothing reaches it any more: as good as dead
+    // It restarts from its directory (its WAL replays the unacknowledged write into its image).
+    const restarted = await ReplicatedVolume.open({
+      name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n1'), self: 'n1', membership, transport: loop.transport('n1'),
+      logger: createLogger({ level: 'error' }), sourceLimits: { checkpointIntervalMs: 200 }, regionSizeBytes: 64 * 1024, catchUp: hooks(),
+    });
+    loop.volumes.set('n1', restarted);
+    loop.heal('n1', 'n2');
+    loop.heal('n1', 'n3');
+    const deadline = Date.now() + 10_000;
+    while (restarted.replicaState !== 'in-sync' || (restarted.status() as { catchUp: { state: string } | null }).catchUp?.state !== 'done') {
+      assert.ok(Date.now() < deadline, `n1 did not catch up: ${restarted.replicaState}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    for (const id of NODES) assert.equal((await readBytes(v(id), 0, 65536)).every((byte) => byte === 1), true, `${id} has the acknowledged write, not the lost one`);
+    await withTimeout(v('n1').write(4096, Buffer.alloc(4096, 7), { fua: true }), 5000, 'n1 writes again');
+    for (const id of ['n2', 'n3']) assert.equal((await readBytes(v(id), 4096, 1))[0], 7);
+    await crashed.close().catch(() => undefined);
+  } finally {
+    await loop.close();
+  }
+});

@@ -150,7 +150,13 @@ export interface ReplicatedVolumeOptions {
    * and the copy rate limit (bytes/s, 0 or absent: unlimited). Without it a replica outside the
    * in-sync set stays fenced. Peers are asked over the replication links (REGION_REQUEST).
    */
-  catchUp?: { caughtUp(epoch: number): Promise<void>; rateBytesPerSec?: number; peerAccess?: CatchUpPeerAccess };
+  catchUp?: {
+    caughtUp(epoch: number): Promise<void>;
+    /** Move this replica from the in-sync set to catching up (a CAS); false: not possible now. */
+    leave?(reason: string): Promise<boolean>;
+    rateBytesPerSec?: number;
+    peerAccess?: CatchUpPeerAccess;
+  };
   /** VolumeSpec.strict: refuse writes while fewer replicas than the record's are in sync. */
   strict?: boolean;
   /**
@@ -208,6 +214,9 @@ export class ReplicatedVolume implements BlockDevice {
   private checkpointedStamp = 0;
   private failure: MirrorsanError | undefined;
   private readonly catchUpAccess: ReplicatedVolumeOptions['catchUp'];
+  /** Some own write was acknowledged since open: a stranded peer is then not our restart's doing. */
+  private ownWriteCompletedSinceOpen = false;
+  private leavingToCatchUp = false;
   private catchUpDriver: CatchUpDriver | undefined;
   /** Frames of a source held back while its stream is rebased (catch-up), in arrival order. */
   private readonly pausedInbound = new Map<string, PeerMessage[]>();
@@ -355,6 +364,7 @@ export class ReplicatedVolume implements BlockDevice {
     this.logger.info('epoch changed', { epoch: next.epoch, inSync: this.membership.inSync.join(','), arbiter: this.arbiterNode, previousEpoch: previous.epoch });
     this.fence = this.membership.inSync.includes(this.self) ? this.nodeFence : `${this.self} is not in the in-sync set of epoch ${next.epoch}`;
     this.runSource(this.source.setMembership(next.epoch, this.membership.inSync, this.membership.catchingUp ?? []));
+    if (!this.membership.inSync.includes(this.self)) this.leavingToCatchUp = false; // out: the in-sync fence holds
     this.adoptCatchUpState(previous);
     this.runReplicationWaiters();
     // A target may be past this epoch already: a peer that heard of a newer one first sent it
@@ -728,6 +738,7 @@ export class ReplicatedVolume implements BlockDevice {
     const operation = this.pending.get(operationId);
     if (!operation) return; // failed already (store failure or close)
     this.pending.delete(operationId);
+    if (result.ok && operation.holdsGrant) this.ownWriteCompletedSinceOpen = true;
     if (result.ok) operation.resolve(sequence);
     else operation.reject(new MirrorsanError(result.code, result.message));
     if (!operation.holdsGrant || !operation.admitted || this.closed) return;
@@ -833,11 +844,19 @@ export class ReplicatedVolume implements BlockDevice {
           this.finish(effect.operationId, effect.result, effect.sequence);
           break;
         case 'peerNeedsCatchUp':
-          this.logger.error('peer stands below the resend window; it needs a resync (not built yet)', {
-            peer: effect.peer,
-            peerSequence: effect.peerSequence,
-            retainedFromSequence: effect.retainedFromSequence,
-          });
+          if (!this.ownWriteCompletedSinceOpen && this.membership.inSync.includes(this.self)) {
+            // This node restarted with entries of its own that the peer never received (in
+            // flight at the crash, never acknowledged to a client): its resend window is gone,
+            // and its image holds data the others lack. It leaves the in-sync set to catch up
+            // (which overwrites those regions with the in-sync copy) instead of serving them.
+            this.leaveToCatchUp(`${effect.peer} never received this node's entries ${effect.peerSequence + 1}.. from before its restart`);
+          } else {
+            this.logger.error('peer stands below the resend window; it needs a resync (not built yet)', {
+              peer: effect.peer,
+              peerSequence: effect.peerSequence,
+              retainedFromSequence: effect.retainedFromSequence,
+            });
+          }
           break;
         case 'refused':
           this.logger.warn('source refused a message', { peer: effect.peer, code: effect.code, reason: effect.reason });
@@ -1017,6 +1036,31 @@ export class ReplicatedVolume implements BlockDevice {
           break;
       }
     }
+  }
+
+  /** Fences this replica at once and asks the node to move it to the catching-up set. */
+  private leaveToCatchUp(reason: string): void {
+    if (this.leavingToCatchUp || this.closed) return;
+    const leave = this.catchUpAccess?.leave;
+    if (!leave || this.membership.inSync.length < 2) {
+      this.logger.error('this replica should catch up but cannot leave the in-sync set', { reason, inSync: this.membership.inSync.join(',') });
+      return;
+    }
+    // Refuses I/O from now on (checkUsable); the in-sync fence takes over once the record
+    // lists this replica as catching up.
+    this.leavingToCatchUp = true;
+    this.logger.warn('leaving the in-sync set to catch up', { reason });
+    leave(reason).then(
+      (left) => {
+        if (left) return;
+        this.leavingToCatchUp = false;
+        this.logger.warn('could not leave the in-sync set to catch up; trying again on the next stranded stream', { reason });
+      },
+      (error: unknown) => {
+        this.leavingToCatchUp = false;
+        this.logger.error('leaving the in-sync set failed', { error: error instanceof Error ? error.message : String(error) });
+      },
+    );
   }
 
   /** See STREAM_UNPOSITIONED_MAX_MS. */
@@ -1240,6 +1284,7 @@ export class ReplicatedVolume implements BlockDevice {
     if (this.closed) throw new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`);
     if (this.failure) throw this.failure;
     if (this.fence) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${this.fence}`);
+    if (this.leavingToCatchUp) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: it restarted with unacknowledged writes and is leaving the in-sync set to catch up`);
     const refusal = this.servingCheck?.();
     if (refusal) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${refusal}`);
   }
