@@ -641,8 +641,10 @@ export class ReplicaStore {
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkOpen();
     this.checkRange(offset, length);
-    const out = Buffer.alloc(length);
-    if (length === 0) return out;
+    if (length === 0) return Buffer.alloc(0);
+    // Not zero-filled up front: every byte is either read from the image or zeroed below (a
+    // 1 MiB read would otherwise clear a megabyte only to overwrite it).
+    const out = Buffer.allocUnsafe(length);
     const bs = this.blockSizeBytes;
     const wait = this.locks.overlapping(Math.floor(offset / bs) * bs, Math.ceil((offset + length) / bs) * bs);
     if (wait) await wait;
@@ -650,10 +652,11 @@ export class ReplicaStore {
     const firstBlock = Math.floor(offset / bs);
     const reads: Promise<void>[] = [];
     for (const run of this.map.runs(firstBlock, Math.ceil(end / bs) - firstBlock)) {
-      if (!run.allocated) continue; // zeros, whatever the image holds there (see the header)
       const start = Math.max(offset, run.firstBlock * bs);
       const stop = Math.min(end, (run.firstBlock + run.blockCount) * bs);
-      reads.push(this.image.read(start, out.subarray(start - offset, stop - offset)));
+      // Unallocated: zeros, whatever the image holds there (see the header).
+      if (!run.allocated) out.fill(0, start - offset, stop - offset);
+      else reads.push(this.image.read(start, out.subarray(start - offset, stop - offset)));
     }
     await Promise.all(reads);
     return out;
