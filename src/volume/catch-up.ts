@@ -14,6 +14,7 @@
 // Copies are throttled to a byte rate; a failed batch (peer gone, link down) is retried after a
 // pause, from the same offset (resumable). Progress (percent, bytes, rate, ETA) is in status().
 import { createHash } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../util/log.js';
 
 /** Bytes compared per chunk; differing chunks are copied whole. */
@@ -122,7 +123,7 @@ export class CatchUpDriver {
         this.progressValue.lastError = error instanceof Error ? error.message : String(error);
         this.peerIndex++;
         this.logger.warn('catch-up batch failed; retrying', { offset: this.offset, error: this.progressValue.lastError });
-        await sleep(RETRY_DELAY_MS);
+        await sleep(RETRY_DELAY_MS, undefined, { ref: false });
       }
     }
     this.progressValue.state = 'flushing';
@@ -164,7 +165,7 @@ export class CatchUpDriver {
     if (this.rateBytesPerSec <= 0) return;
     const elapsedMs = Date.now() - this.progressValue.startedAtMs;
     const allowedMs = ((this.progressValue.bytesCopied + nextBytes) / this.rateBytesPerSec) * 1000;
-    if (allowedMs > elapsedMs) await sleep(allowedMs - elapsedMs);
+    if (allowedMs > elapsedMs) await sleep(allowedMs - elapsedMs, undefined, { ref: false });
   }
 
   private updateRate(): void {
@@ -176,6 +177,3 @@ export class CatchUpDriver {
   }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms).unref?.());
-}

@@ -763,9 +763,7 @@ export class ReplicatedVolume implements BlockDevice {
   }
 
   private replicationWatermark(field: 'ackedSeq' | 'syncAckedSeq'): number {
-    let watermark = this.source.lastSequence;
-    for (const member of this.source.members) watermark = Math.min(watermark, this.source.peer(member)?.[field] ?? 0);
-    return watermark;
+    return this.source.memberWatermark(field);
   }
 
   private runReplicationWaiters(): void {

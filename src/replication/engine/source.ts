@@ -440,6 +440,14 @@ export class ReplicationSource {
     return entry;
   }
 
+  /**
+   * The lowest `field` over the members (the last sequence when there is none): what every
+   * member has acknowledged, synced or checkpointed. O(members), no copies (a per-write path).
+   */
+  memberWatermark(field: 'ackedSeq' | 'syncAckedSeq' | 'checkpointAckedSeq'): number {
+    return this.minPeer(field);
+  }
+
   private minPeer(field: 'ackedSeq' | 'syncAckedSeq' | 'checkpointAckedSeq'): number {
     let min = this.lastSeq;
     for (const state of this.peers.values()) min = Math.min(min, state[field]);
