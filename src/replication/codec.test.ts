@@ -295,6 +295,17 @@ describe('replication codec: refusals', () => {
       ['WRITE of zero bytes', rawFrame(MESSAGE_TYPE.WRITE, writeBody(ENTRY_TYPE.TRIM, 0, Buffer.alloc(0)))],
       ['DIRECT_WRITE on the wire', rawFrame(MESSAGE_TYPE.WRITE, writeBody(ENTRY_TYPE.DIRECT_WRITE, 1, Buffer.alloc(0)))],
       ['WRITE names past its body', rawFrame(MESSAGE_TYPE.WRITE, writeBody(ENTRY_TYPE.TRIM, 1, Buffer.alloc(0), 200))],
+      ['unknown entry type behind the restart bit', rawFrame(MESSAGE_TYPE.WRITE, writeBody(0x80 | 0x7f, 1, Buffer.alloc(0)))],
+    );
+    const u32 = (value: number): Buffer => {
+      const b = Buffer.alloc(4);
+      b.writeUInt32BE(value, 0);
+      return b;
+    };
+    cases.push(
+      ['REGION_REQUEST of an unknown kind', rawFrame(MESSAGE_TYPE.REGION_REQUEST, Buffer.concat([u64(0, 1), u64(0, 1), Buffer.of(9), u64(0, 0), u64(0, 4096), u32(4096), name('v')]))],
+      ['REGION_REPLY data length past its body', rawFrame(MESSAGE_TYPE.REGION_REPLY, Buffer.concat([u64(0, 1), u64(0, 1), Buffer.of(1), u32(100), name('v'), Buffer.alloc(10)]))],
+      ['REGION_REPLY data length over the cap', rawFrame(MESSAGE_TYPE.REGION_REPLY, Buffer.concat([u64(0, 1), u64(0, 1), Buffer.of(1), u32(0xffff_ffff), name('v')]))],
     );
     for (const [what, frame] of cases) {
       const whole = expectCode(() => decodeChunks([frame]), 'REPL_BAD_FRAME');

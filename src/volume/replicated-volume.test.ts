@@ -494,3 +494,41 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
     await loop.close();
   }
 });
+
+test('[bad input] a region request out of range, too long or too finely chunked gets a clear error reply; an out-of-sync replica refuses to answer; the volume keeps serving', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const answers: PeerMessage[] = [];
+  const transport: ReplicaTransport = { sendToPeer: () => true, answerSource: (_peer, message) => answers.push(message) > 0, resetInbound: () => undefined };
+  const volume = await ReplicatedVolume.open({
+    name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n1'), self: 'n1',
+    membership: { epoch: 1, replicas: ['n1', 'n2'], inSync: ['n1', 'n2'] }, transport, logger: createLogger({ level: 'error' }),
+  });
+  try {
+    const ask = async (request: { kind: 'digests' | 'read'; offset: number; lengthBytes: number; chunkBytes: number }): Promise<{ ok: boolean; text: string; bytes: number }> => {
+      const before = answers.length;
+      volume.receive('n2', { type: 'REGION_REQUEST', volume: 'vol', epoch: 1, requestId: before + 1, ...request });
+      for (let i = 0; i < 100 && answers.length === before; i++) await new Promise((resolve) => setTimeout(resolve, 5));
+      const reply = answers[before];
+      assert.ok(reply?.type === 'REGION_REPLY' && reply.requestId === before + 1, 'one reply per request');
+      return { ok: reply.ok, text: reply.data.toString('utf8'), bytes: reply.data.length };
+    };
+    assert.match((await ask({ kind: 'read', offset: SIZE_BYTES - 4096, lengthBytes: 8192, chunkBytes: 0 })).text, /outside the volume/);
+    assert.match((await ask({ kind: 'read', offset: 0, lengthBytes: 2 * 1024 * 1024, chunkBytes: 0 })).text, /longer than/);
+    const fine = await ask({ kind: 'digests', offset: 0, lengthBytes: 1024 * 1024, chunkBytes: 512 });
+    assert.equal(fine.ok, false);
+    assert.match(fine.text, /chunk size 512 out of range/);
+    assert.match((await ask({ kind: 'digests', offset: SIZE_BYTES, lengthBytes: 4096, chunkBytes: 4096 })).text, /outside the volume/);
+    // A good request is answered, and client I/O goes on.
+    const good = await ask({ kind: 'digests', offset: 0, lengthBytes: 1024 * 1024, chunkBytes: 65536 });
+    assert.deepEqual([good.ok, good.bytes], [true, 16 * 16]);
+    assert.equal((await readBytes(volume, 0, 4096)).length, 4096);
+    // Out of the in-sync set: no answers that could be stale.
+    volume.changeMembership({ epoch: 2, replicas: ['n1', 'n2'], inSync: ['n2'] });
+    const stale = await ask({ kind: 'read', offset: 0, lengthBytes: 4096, chunkBytes: 0 });
+    assert.equal(stale.ok, false);
+    assert.match(stale.text, /not in the in-sync set/);
+  } finally {
+    await volume.close();
+  }
+});

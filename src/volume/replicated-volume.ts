@@ -1089,7 +1089,10 @@ export class ReplicatedVolume implements BlockDevice {
    */
   async digests(offset: number, length: number, chunkBytes: number): Promise<string[]> {
     this.checkUsable();
-    assert(Number.isSafeInteger(chunkBytes) && chunkBytes >= 4096 && chunkBytes <= CATCH_UP_CHUNK_BYTES_MAX, `chunk size ${chunkBytes} out of range`);
+    // A peer's request (bad input, not a bug here): refused with a clear error.
+    if (!Number.isSafeInteger(chunkBytes) || chunkBytes < 4096 || chunkBytes > CATCH_UP_CHUNK_BYTES_MAX) {
+      throw new MirrorsanError('NBD_EINVAL', `chunk size ${chunkBytes} out of range (4096..${CATCH_UP_CHUNK_BYTES_MAX})`);
+    }
     if (offset < 0 || length < 1 || offset + length > this.sizeBytes || length > 64 * CATCH_UP_CHUNK_BYTES_MAX) {
       throw new MirrorsanError('NBD_EINVAL', `digest range ${offset}+${length} outside the volume or too long`);
     }
