@@ -1,11 +1,13 @@
 // Catch-up benchmark (issue 5): a 2-node cluster, n2 SIGKILLed; while it is away, 1% of the
 // volume's regions are written through n1; n2 restarts and catches up. Reported: the time from
-// n2's restart to its return to the in-sync set, and the bytes it copied, against a full copy
-// of the same volume (n2 restarted on an empty disk) in the same run, and the catch-up
-// throughput against this machine's raw disk read rate (dd of the image file).
+// n2's restart to its return to the in-sync set, what it compared (the dirty regions n1
+// marked while it was away) and the bytes it copied, against a full copy of the same volume
+// (n2 restarted on an empty disk) in the same run; and the compare throughput against this
+// machine's raw disk read rate (dd) and loopback TCP rate (one stream), its two limits.
 // `npm run bench:catchup`; options in bench/README.md.
 import { execFileSync } from 'node:child_process';
 import { rm, mkdir, writeFile } from 'node:fs/promises';
+import * as net from 'node:net';
 import path from 'node:path';
 import { REPO_ROOT, fioNbd, sleep, startUp, waitUntil } from '../test/helpers/index.js';
 import type { UpCluster } from '../test/helpers/index.js';
@@ -22,14 +24,18 @@ interface Config {
 interface CatchUpStatus {
   replicaState: string;
   inSync: string[];
-  catchUp: { bytesCopied: number; bytesCompared: number; state: string } | null;
+  catchUp: { bytesCopied: number; bytesCompared: number; state: string; mode: string | null; startedAtMs: number; finishedAtMs: number | null } | null;
 }
 
 interface RunResult {
   kind: 'catch-up' | 'full copy';
+  /** From the restart of n2 to its return to the in-sync set (node start, store replay and CASes included). */
   seconds: number;
+  /** The catch-up itself: plan, compare, copy and flush (the node's own clock). */
+  catchUpSeconds: number;
   bytesCopied: number;
   bytesCompared: number;
+  mode: string;
 }
 
 function parseArgs(argv: readonly string[]): Config {
@@ -104,7 +110,8 @@ async function measure(config: Config, kind: RunResult['kind']): Promise<RunResu
     await waitUntil(async () => (await volumeStatus(cluster, 1))?.replicaState === 'in-sync', { timeoutMs: 1_800_000, intervalMs: 100, what: 'n2 back in sync' });
     const seconds = (Date.now() - restarted) / 1000;
     const status = await volumeStatus(cluster, 1);
-    return { kind, seconds, bytesCopied: status?.catchUp?.bytesCopied ?? 0, bytesCompared: status?.catchUp?.bytesCompared ?? 0 };
+    const catchUpSeconds = status?.catchUp?.finishedAtMs ? (status.catchUp.finishedAtMs - status.catchUp.startedAtMs) / 1000 : NaN;
+    return { kind, seconds, catchUpSeconds, bytesCopied: status?.catchUp?.bytesCopied ?? 0, bytesCompared: status?.catchUp?.bytesCompared ?? 0, mode: status?.catchUp?.mode ?? '?' };
   } finally {
     await cluster.stop();
   }
@@ -121,6 +128,32 @@ function diskReadMiBPerS(dir: string, sizeBytes: number): number {
   return Math.min(256, sizeBytes / MiB) / seconds;
 }
 
+/** One TCP stream over 127.0.0.1: this machine's loopback rate (the other limit of a copy between nodes). */
+async function loopbackMiBPerS(totalBytes = 1024 * MiB): Promise<number> {
+  const server = net.createServer((socket) => socket.resume());
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  const chunk = Buffer.alloc(4 * MiB, 7);
+  const started = process.hrtime.bigint();
+  await new Promise<void>((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => {
+      let sent = 0;
+      const pump = (): void => {
+        while (sent < totalBytes) {
+          sent += chunk.length;
+          if (!socket.write(chunk)) return void socket.once('drain', pump);
+        }
+        socket.end(resolve);
+      };
+      pump();
+    });
+    socket.on('error', reject);
+  });
+  const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+  server.close();
+  return totalBytes / MiB / seconds;
+}
+
 async function main(): Promise<void> {
   const config = parseArgs(process.argv.slice(2));
   const results: RunResult[] = [];
@@ -131,22 +164,23 @@ async function main(): Promise<void> {
   const outDir = path.join(REPO_ROOT, 'bench', 'out');
   await mkdir(outDir, { recursive: true });
   const diskMiBPerS = diskReadMiBPerS(outDir, config.sizeBytes);
+  const loopMiBPerS = await loopbackMiBPerS();
   const median = (kind: RunResult['kind']): RunResult => {
     const runs = results.filter((result) => result.kind === kind).sort((a, b) => a.seconds - b.seconds);
     return runs[Math.floor(runs.length / 2)]!;
   };
   const catchUp = median('catch-up');
   const full = median('full copy');
-  const rate = (result: RunResult): number => result.bytesCompared / MiB / result.seconds;
+  const rate = (result: RunResult): number => result.bytesCompared / MiB / result.catchUpSeconds;
   const lines = [
-    `| run (2 nodes, ${config.sizeBytes / MiB} MiB, ${config.outageS} s outage, ${config.writtenFraction * 100}% of regions written) | seconds to in-sync | MiB copied | MiB compared | compare rate MiB/s | vs disk read (${diskMiBPerS.toFixed(0)} MiB/s) |`,
-    '|---|---:|---:|---:|---:|---:|',
-    ...[catchUp, full].map((result) => `| ${result.kind} | ${result.seconds.toFixed(2)} | ${(result.bytesCopied / MiB).toFixed(1)} | ${(result.bytesCompared / MiB).toFixed(0)} | ${rate(result).toFixed(0)} | ${(rate(result) / diskMiBPerS).toFixed(2)}× |`),
+    `| run (2 nodes, ${config.sizeBytes / MiB} MiB, ${config.outageS} s outage, ${config.writtenFraction * 100}% of regions written) | mode | restart → in sync, s | catch-up, s | MiB compared | MiB copied (sent) | compare rate MiB/s | vs disk read (${diskMiBPerS.toFixed(0)} MiB/s) | vs loopback (${loopMiBPerS.toFixed(0)} MiB/s) |`,
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+    ...[catchUp, full].map((result) => `| ${result.kind} | ${result.mode} | ${result.seconds.toFixed(2)} | ${result.catchUpSeconds.toFixed(2)} | ${(result.bytesCompared / MiB).toFixed(1)} | ${(result.bytesCopied / MiB).toFixed(1)} | ${rate(result).toFixed(0)} | ${(rate(result) / diskMiBPerS).toFixed(2)}× | ${(rate(result) / loopMiBPerS).toFixed(2)}× |`),
     '',
-    `catch-up / full copy time: ${(catchUp.seconds / full.seconds).toFixed(3)} (target ≤ 0.05)`,
+    `catch-up / full copy time: ${(catchUp.catchUpSeconds / full.catchUpSeconds).toFixed(3)} (target ≤ 0.05); restart → in sync: ${(catchUp.seconds / full.seconds).toFixed(3)}`,
   ];
   const date = new Date().toISOString();
-  await writeFile(path.join(outDir, `catchup-${date.replace(/[:.]/g, '-')}.json`), JSON.stringify({ date, config, diskMiBPerS, results }, null, 2) + '\n');
+  await writeFile(path.join(outDir, `catchup-${date.replace(/[:.]/g, '-')}.json`), JSON.stringify({ date, config, diskMiBPerS, loopMiBPerS, results }, null, 2) + '\n');
   process.stdout.write(`\n${lines.join('\n')}\n\n`);
 }
 

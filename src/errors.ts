@@ -43,6 +43,9 @@ export const ERROR_CODES = {
   REPL_BUSY: 'the peer port refused a connection: too many unauthenticated connections at once',
   REPL_EPOCH_STALE: 'a frame carries an epoch older than the receiver\'s for its volume; refused, never applied',
   REPL_PEER_CLOSED: 'a peer link closed or was declared dead (no frame received within the dead-after time)',
+  // Disk failure: diskless mode (src/volume/diskless*.ts)
+  VOLUME_DISKLESS: "this node's disk for the volume failed (EIO, ENOSPC); its requests are forwarded to an in-sync peer",
+  FAULT_INJECTION_DISABLED: 'fault injection was asked for on a node that does not enable it (MIRRORSAN_FAULT_INJECTION=1 or faultInjection: true)',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -1,4 +1,4 @@
-// Proves the dashboard summarises replicated volumes (replica states, grant holders, catch-up progress, fence) with every status string escaped, and shows no summary without replicated volumes.
+// Proves the dashboard summarises replicated volumes (replica states, grant holders, catch-up progress, fence, a diskless node and where it forwards) with every status string escaped, and shows no summary without replicated volumes.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { renderDashboard, replicatedSummaryHtml } from './dashboard.js';
@@ -24,4 +24,18 @@ test('status strings are escaped, and a node without replicated volumes shows no
   assert.match(replicatedSummaryHtml([{ name: '<script>', fence: 'a "quoted" & <b>' }]), /&#60;script&#62;.*a &#34;quoted&#34; &#38; &#60;b&#62;/s);
   assert.doesNotMatch(renderDashboard({ node: { id: 'n1' }, replicatedVolumes: [] }), /Replicated volumes/);
   assert.match(renderDashboard({ replicatedVolumes: [{ name: 'v' }] }), /Replicated volumes/);
+});
+
+test('a diskless node is shown in its own colour, with the disk error and the peer it forwards to (escaped)', () => {
+  const html = replicatedSummaryHtml([
+    {
+      name: 'vol0',
+      epoch: 12,
+      replicaStates: [{ node: 'n1', state: 'diskless' }, { node: 'n2', state: 'in-sync' }],
+      degraded: true,
+      diskless: { mode: 'diskless', forwardingTo: 'n2', error: { code: 'STORE_IO', message: 'image write failed (EIO) <x>' } },
+    },
+  ]);
+  assert.match(html, /<span style="color:#8250df">n1: diskless<\/span>/);
+  assert.match(html, /diskless \(diskless\): forwarding to n2; disk error STORE_IO: image write failed \(EIO\) &#60;x&#62;<\/span>; degraded/);
 });

@@ -15,9 +15,11 @@ interface ReplicatedSummary {
   degraded?: boolean;
   policing?: { mode?: string; regionSizeBytes?: number; arbiter?: { regionsHeld?: Record<string, number>; waiters?: number } | null };
   catchUp?: { state?: string; percent?: number; bytesCopied?: number } | null;
+  /** Set while this node's disk for the volume is detached (src/volume/diskless-volume.ts). */
+  diskless?: { mode?: string; forwardingTo?: string | null; error?: { code?: string; message?: string } } | null;
 }
 
-const STATE_COLOURS: Record<string, string> = { 'in-sync': '#1a7f37', 'catching-up': '#9a6700', 'out-of-sync': '#cf222e', fenced: '#cf222e' };
+const STATE_COLOURS: Record<string, string> = { 'in-sync': '#1a7f37', 'catching-up': '#9a6700', 'out-of-sync': '#cf222e', fenced: '#cf222e', diskless: '#8250df' };
 
 /** One table row per replicated volume; empty when there is none. */
 export function replicatedSummaryHtml(volumes: readonly ReplicatedSummary[]): string {
@@ -30,7 +32,10 @@ export function replicatedSummaryHtml(volumes: readonly ReplicatedSummary[]): st
       .map(([node, count]) => `${escapeHtml(node)}: ${count}`)
       .join(', ');
     const catchUp = volume.catchUp ? `${escapeHtml(volume.catchUp.state ?? '')} ${volume.catchUp.percent ?? 0}%` : '';
-    const notes = [volume.degraded ? 'degraded' : '', volume.fence ? `fenced: ${escapeHtml(volume.fence)}` : ''].filter(Boolean).join('; ');
+    const diskless = volume.diskless
+      ? `<span style="color:${STATE_COLOURS.diskless}">diskless (${escapeHtml(volume.diskless.mode ?? '')}): forwarding to ${escapeHtml(volume.diskless.forwardingTo ?? 'no peer yet')}; disk error ${escapeHtml(volume.diskless.error?.code ?? '')}: ${escapeHtml(volume.diskless.error?.message ?? '')}</span>`
+      : '';
+    const notes = [diskless, volume.degraded ? 'degraded' : '', volume.fence ? `fenced: ${escapeHtml(volume.fence)}` : ''].filter(Boolean).join('; ');
     return `<tr><td>${escapeHtml(volume.name ?? '')}</td><td>${volume.epoch ?? ''}</td><td>${replicas}</td><td>${holders || '-'}</td><td>${catchUp || '-'}</td><td>${notes || 'ok'}</td></tr>`;
   });
   return `<h2>Replicated volumes</h2>

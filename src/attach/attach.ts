@@ -19,10 +19,43 @@
 //   durable. A power loss of the node before its fsync is the replication layer's job (the write
 //   is on the other in-sync members), not this device's.
 //
-// TODO(issue 5): epoch fencing of replayed writes. A write sent to a node that is partitioned
-// (not dead) may still be applied there *after* the replay and newer writes elsewhere. Needs the
-// replication layer to stamp writes with the epoch they were admitted under and refuse stale
-// ones (REPL_EPOCH_STALE); until then attach is safe against node crashes, not partitions.
+// When a node is given up on (issue 5, item 5), for one of three signs: its connection closed
+// (the process died, or its server is stopping: ESHUTDOWN); it answered nothing for
+// `requestTimeoutMs` while requests were outstanding (stopped, hung, or cut off from us); or it
+// refused a request because it does not serve the volume now (it fenced itself: lease lost, out
+// of the in-sync set, catching up). Such a refusal means the node did not execute the request
+// and never will (ReplicatedVolume refuses before admission), so it is replayed elsewhere rather
+// than passed to the client as an EIO. The connection is then reset (RST on TCP, so requests
+// still in our kernel's send queue are dropped instead of reaching the node after a partition
+// heals) and the unanswered requests go to the next node.
+//
+// Why a write replayed on node B cannot be overtaken by the same write applied late by the node
+// A that was given up on (epoch fencing; docs/replication.md, "Client failover and fencing"):
+// 1. A write A admitted holds A's region grant, and A sent its WRITE frames to every member
+//    when it admitted it. B's replay needs the same grant. The arbiter moves it only after A
+//    released it (which A does only once every member acknowledged A's writes to the region, so
+//    they are applied everywhere before B's), or after A left the in-sync set by an
+//    epoch-incrementing CAS, which the others make only once A's lease ran out (A has fenced
+//    itself by then). From that epoch on every member drops A's stream frames (A is no longer
+//    a stream member, and frames of an older epoch are refused), and grant messages of the old
+//    epoch are ignored by the new arbiter and the holders: nothing A sends on resuming lands.
+//    A's own image may hold the write; A serves nothing until it has caught up, and catch-up
+//    overwrites every chunk that differs from an in-sync member.
+// 2. A write A received but had not admitted (waiting for its grant, or still unread in A's
+//    socket buffer while A was stopped: Linux hands it to the process after SIGCONT even when
+//    we reset the connection) is never executed once A stopped serving: A checks its lease on
+//    every request it reads, and refuses a waiting write at admission if it stopped serving at
+//    any moment since the write was submitted (the volume's serving term) or does not serve now.
+// 3. Timing, the one assumption: `requestTimeoutMs` must exceed the nodes' lease TTL plus their
+//    failure timeout. A node stopped for that long has lost its lease (point 2 applies to all it
+//    holds). A live node that answers nothing for that long (cut off from us only, or slow)
+//    keeps its lease and could still admit a write that waits for its grant after our replay;
+//    the bound is that no live node keeps a write waiting for a grant that long (a grant waits
+//    at most for a dead holder's removal: about its lease TTL plus the failure timeout). NVMe-oF
+//    multipath rests on the same kind of bound (its command quiesce time).
+// 4. Answers are taken only from the connection a request was last sent on: a node given up on
+//    cannot acknowledge anything late (its connection is gone; a new connection to it is a new
+//    generation).
 import * as net from 'node:net';
 import { MirrorsanError, assert, type ErrorCode } from '../errors.js';
 import { NbdClient, NbdClientError, type NbdTarget } from '../nbd/client.js';
@@ -43,6 +76,12 @@ export interface FailoverDeviceOptions {
   backoffMaxMs?: number;
   /** One connect + handshake attempt (default 5 s). */
   connectTimeoutMs?: number;
+  /**
+   * A node that answers nothing for this long while requests are outstanding is given up on
+   * (stopped, hung or cut off) and its requests are replayed on the next node (default 15 s).
+   * Must exceed the nodes' lease TTL plus failure timeout: see the header, point 3.
+   */
+  requestTimeoutMs?: number;
   /**
    * Requests sent to the node (or held for replay) at once. Beyond it, requests wait in FIFO
    * order without being sent: backpressure. The waiting list itself is bounded by the NbdServer,
@@ -69,6 +108,10 @@ export interface FailoverStats {
   waiting: number;
   /** Requests failed with EIO because no node came back in time. */
   failedRequests: number;
+  /** Nodes given up on because they answered nothing for the request timeout. */
+  stalls: number;
+  /** Nodes given up on because they refused a request as not serving the volume (fenced). */
+  notServing: number;
 }
 
 interface FailoverTuning {
@@ -76,6 +119,7 @@ interface FailoverTuning {
   backoffInitialMs: number;
   backoffMaxMs: number;
   connectTimeoutMs: number;
+  requestTimeoutMs: number;
   requestsPendingMax: number;
 }
 
@@ -84,8 +128,19 @@ export const FAILOVER_DEFAULTS: Readonly<FailoverTuning> = Object.freeze({
   backoffInitialMs: 50,
   backoffMaxMs: 1_000,
   connectTimeoutMs: 5_000,
+  // Three default lease TTLs (5 s): above TTL + failure timeout with room for the removal's polls.
+  requestTimeoutMs: 15_000,
   requestsPendingMax: 1024,
 });
+
+/**
+ * What ReplicatedVolume says when it refuses a request because this node may not serve the
+ * volume now (lease lost, not in the in-sync set, catching up, a write whose admission came
+ * after a fence). Such a request was not executed and never will be on that node, so another
+ * node may serve it. The NBD error carries no more than an errno, so the structured reply's
+ * message is the only channel; src/attach/attach.test.ts checks this text against the volume.
+ */
+export const NOT_SERVING_MARKER = 'not serving on this node';
 
 /** Payload sizes the NBD spec lets clients assume when a server sends no INFO_BLOCK_SIZE. */
 const BLOCK_SIZE_DEFAULTS = Object.freeze({ minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 });
@@ -131,6 +186,7 @@ export class FailoverDevice implements BlockDevice {
   private readonly backoffInitialMs: number;
   private readonly backoffMaxMs: number;
   private readonly connectTimeoutMs: number;
+  private readonly requestTimeoutMs: number;
   private readonly requestsPendingMax: number;
   private readonly geometryValue: DeviceGeometry;
 
@@ -148,7 +204,17 @@ export class FailoverDevice implements BlockDevice {
   private outageStartedMs = 0;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private outageTimer: NodeJS.Timeout | undefined;
-  private readonly counters = { failovers: 0, replayed: 0, pauseMsLast: 0, failedRequests: 0 };
+  /**
+   * The node we failed over to has not answered anything yet: if it is lost too (or refuses as
+   * not serving), the outage goes on (its start, its failover timeout) rather than starting anew,
+   * and reconnects back off, so nodes that all refuse cannot keep the requests alive for ever.
+   */
+  private awaitingFirstAnswer = false;
+  private continuedLosses = 0;
+  /** When the connected node last showed progress: an answer, or the first request of a busy spell. */
+  private progressAtMs = 0;
+  private stallTimer: NodeJS.Timeout | undefined;
+  private readonly counters = { failovers: 0, replayed: 0, pauseMsLast: 0, failedRequests: 0, stalls: 0, notServing: 0 };
 
   private constructor(options: FailoverDeviceOptions, resolved: Readonly<FailoverTuning>, first: Connected) {
     this.name = options.name;
@@ -158,6 +224,7 @@ export class FailoverDevice implements BlockDevice {
     this.backoffInitialMs = resolved.backoffInitialMs;
     this.backoffMaxMs = resolved.backoffMaxMs;
     this.connectTimeoutMs = resolved.connectTimeoutMs;
+    this.requestTimeoutMs = resolved.requestTimeoutMs;
     this.requestsPendingMax = resolved.requestsPendingMax;
     this.client = first.client;
     this.socket = first.socket;
@@ -260,6 +327,7 @@ export class FailoverDevice implements BlockDevice {
     this.stateValue = 'closed';
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.outageTimer);
+    clearTimeout(this.stallTimer);
     const error = new MirrorsanError('NBD_SHUTDOWN', 'mirrorsan attach is shutting down');
     for (const request of [...this.pending.values(), ...this.waiting]) this.settle(request, error);
     this.pending.clear();
@@ -297,8 +365,9 @@ export class FailoverDevice implements BlockDevice {
   private send(request: Request): void {
     const generation = this.generation;
     request.sentGeneration = generation;
+    this.watchProgress();
     this.issue(this.client, request.operation).then(
-      (value) => this.answered(request, value),
+      (value) => this.answered(request, generation, value),
       (error: unknown) => this.failed(request, generation, error),
     );
   }
@@ -327,19 +396,30 @@ export class FailoverDevice implements BlockDevice {
     }
   }
 
-  private answered(request: Request, value: Buffer | undefined): void {
-    if (request.settled) return;
+  private answered(request: Request, generation: number, value: Buffer | undefined): void {
+    // Only the connection the request was last sent on speaks for it (header, point 4).
+    if (request.settled || request.sentGeneration !== generation) return;
+    this.progressed(generation);
     this.pending.delete(request.seq);
     this.settle(request, undefined, value);
     this.admitWaiting();
   }
 
   private failed(request: Request, generation: number, error: unknown): void {
-    if (request.settled) return;
+    if (request.settled || request.sentGeneration !== generation) return;
     const nbdError = error instanceof NbdClientError ? error.nbdError : undefined;
+    if (nbdError === ERRNO.EIO && (error as Error).message.includes(NOT_SERVING_MARKER)) {
+      // The node fenced itself and did not execute the request: keep it for the next node.
+      if (generation === this.generation && this.stateValue === 'connected') {
+        this.counters.notServing++;
+        this.connectionLost(generation, (error as Error).message);
+      }
+      return;
+    }
     // ESHUTDOWN: the node is stopping; like a lost connection, another node will answer.
     if (nbdError !== undefined && nbdError !== ERRNO.ESHUTDOWN) {
       // The node's own answer: passed on as it is, never retried.
+      this.progressed(generation);
       this.pending.delete(request.seq);
       const code = CODE_BY_NBD_ERRNO.get(nbdError) ?? 'NBD_EIO';
       this.settle(request, new MirrorsanError(code, (error as Error).message, { cause: error }));
@@ -358,6 +438,43 @@ export class FailoverDevice implements BlockDevice {
   }
 
   // ---------------------------------------------------------------------------------------------
+  // Stall detection (see requestTimeoutMs)
+
+  /** A request goes out (it is in `pending` already): if no other was outstanding, the node's clock starts now. */
+  private watchProgress(): void {
+    if (this.pending.size === 1) this.progressAtMs = performance.now();
+    if (this.stallTimer === undefined) this.armStallTimer(this.requestTimeoutMs - (performance.now() - this.progressAtMs));
+  }
+
+  /** The node answered something on the current connection: it is alive and serving. */
+  private progressed(generation: number): void {
+    if (generation !== this.generation) return;
+    this.progressAtMs = performance.now();
+    if (this.awaitingFirstAnswer) {
+      // The failover is over: the new node serves.
+      this.awaitingFirstAnswer = false;
+      this.continuedLosses = 0;
+      clearTimeout(this.outageTimer);
+      this.outageTimer = undefined;
+    }
+  }
+
+  private armStallTimer(delayMs: number): void {
+    const generation = this.generation;
+    this.stallTimer = setTimeout(() => {
+      this.stallTimer = undefined;
+      if (generation !== this.generation || this.stateValue !== 'connected' || this.pending.size === 0) return;
+      const silentMs = performance.now() - this.progressAtMs;
+      if (silentMs < this.requestTimeoutMs) {
+        this.armStallTimer(this.requestTimeoutMs - silentMs);
+        return;
+      }
+      this.counters.stalls++;
+      this.connectionLost(generation, `no answer for ${Math.round(silentMs)} ms with ${this.pending.size} requests outstanding (request timeout ${this.requestTimeoutMs} ms)`);
+    }, Math.max(1, Math.ceil(delayMs)));
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // Failover
 
   /** Notices a node that closed the connection even when no request is in flight. */
@@ -370,11 +487,36 @@ export class FailoverDevice implements BlockDevice {
     if (generation !== this.generation || this.stateValue !== 'connected') return;
     const left = describeTarget(this.nodes[this.nodeIndex]!);
     this.stateValue = 'reconnecting';
-    this.outageStartedMs = performance.now();
-    this.socket.destroy();
+    clearTimeout(this.stallTimer);
+    this.stallTimer = undefined;
+    this.dropConnection();
+    // Lost again before the node we failed over to answered anything: the same outage goes on.
+    const continuing = this.awaitingFirstAnswer;
+    this.awaitingFirstAnswer = false;
+    if (continuing) this.continuedLosses++;
+    else {
+      this.outageStartedMs = performance.now();
+      this.continuedLosses = 0;
+    }
     this.log.warn('node lost', { node: left, reason, pending: this.pending.size, waiting: this.waiting.length });
-    this.outageTimer = setTimeout(() => this.giveUp(left), this.failoverTimeoutMs);
-    this.reconnect(left, this.nodeIndex + 1, this.backoffInitialMs, 0);
+    clearTimeout(this.outageTimer);
+    const remainingMs = Math.max(0, this.failoverTimeoutMs - (performance.now() - this.outageStartedMs));
+    this.outageTimer = setTimeout(() => this.giveUp(left), remainingMs);
+    const delayBeforeMs = continuing ? Math.min(this.backoffMaxMs, this.backoffInitialMs * 2 ** Math.min(this.continuedLosses - 1, 20)) : 0;
+    this.reconnect(left, this.nodeIndex + 1, this.backoffInitialMs, delayBeforeMs);
+  }
+
+  /**
+   * Closes the connection for good. On TCP with a reset (RST), not a FIN: requests still in our
+   * kernel's send queue are dropped rather than retransmitted to the node once a partition
+   * heals, after we replayed them elsewhere. (What the node's kernel already received stays
+   * readable there; the node's own fencing deals with that: header, point 2.)
+   */
+  private dropConnection(): void {
+    const socket = this.socket;
+    if (socket.destroyed) return;
+    if ('path' in this.nodes[this.nodeIndex]! || socket.connecting) socket.destroy();
+    else socket.resetAndDestroy();
   }
 
   private reconnect(left: string, nodeIndex: number, delayMs: number, delayBeforeMs: number): void {
@@ -424,7 +566,6 @@ export class FailoverDevice implements BlockDevice {
 
   private joined(left: string, connected: Connected): void {
     const wasDown = this.stateValue === 'down';
-    clearTimeout(this.outageTimer);
     this.generation++;
     this.client = connected.client;
     this.socket = connected.socket;
@@ -433,6 +574,14 @@ export class FailoverDevice implements BlockDevice {
     this.watch(connected.socket, this.generation);
     // In admission order: what the lost node may not have applied goes first.
     const replay = [...this.pending.values()];
+    this.progressAtMs = performance.now();
+    // The outage ends with this node's first answer (progressed); with nothing to replay, now.
+    this.awaitingFirstAnswer = replay.length > 0 && !wasDown;
+    if (!this.awaitingFirstAnswer) {
+      clearTimeout(this.outageTimer);
+      this.outageTimer = undefined;
+      this.continuedLosses = 0;
+    }
     for (const request of replay) this.send(request);
     const pauseMs = Math.round(performance.now() - this.outageStartedMs);
     this.counters.failovers++;
@@ -500,6 +649,7 @@ function resolveOptions(options: FailoverDeviceOptions): Readonly<FailoverTuning
     backoffInitialMs: options.backoffInitialMs ?? FAILOVER_DEFAULTS.backoffInitialMs,
     backoffMaxMs: options.backoffMaxMs ?? FAILOVER_DEFAULTS.backoffMaxMs,
     connectTimeoutMs: options.connectTimeoutMs ?? FAILOVER_DEFAULTS.connectTimeoutMs,
+    requestTimeoutMs: options.requestTimeoutMs ?? FAILOVER_DEFAULTS.requestTimeoutMs,
     requestsPendingMax: options.requestsPendingMax ?? FAILOVER_DEFAULTS.requestsPendingMax,
   };
   for (const [key, value] of Object.entries(resolved)) {

@@ -15,6 +15,7 @@ export interface AttachCommandOptions {
   listen: string;
   nodes: string;
   failoverTimeout: string;
+  requestTimeout: string;
   json?: boolean;
 }
 
@@ -59,13 +60,13 @@ export function parseListen(text: string): NbdListenTarget {
   return { host, port };
 }
 
-/** `60s`, `1500ms`, `2m` or milliseconds. */
-export function parseDurationMs(text: string): number {
+/** `60s`, `1500ms`, `2m` or milliseconds; `option` names the flag in errors. */
+export function parseDurationMs(text: string, option = '--failover-timeout'): number {
   const match = /^(\d+)\s*(ms|s|m)?$/.exec(text.trim());
-  if (!match) throw new MirrorsanError('CONFIG_INVALID', `--failover-timeout ${text}: want e.g. 60s, 1500ms`);
+  if (!match) throw new MirrorsanError('CONFIG_INVALID', `${option} ${text}: want e.g. 60s, 1500ms`);
   const value = Number(match[1]);
   const ms = match[2] === 's' ? value * 1000 : match[2] === 'm' ? value * 60_000 : value;
-  if (!Number.isSafeInteger(ms) || ms <= 0) throw new MirrorsanError('CONFIG_INVALID', `--failover-timeout ${text} must be positive`);
+  if (!Number.isSafeInteger(ms) || ms <= 0) throw new MirrorsanError('CONFIG_INVALID', `${option} ${text} must be positive`);
   return ms;
 }
 
@@ -100,9 +101,10 @@ export async function runAttachCommand(volume: string, options: AttachCommandOpt
   if (nodes.length === 0) throw new MirrorsanError('CONFIG_INVALID', '--nodes lists no node');
   const listen = parseListen(options.listen);
   const failoverTimeoutMs = parseDurationMs(options.failoverTimeout);
+  const requestTimeoutMs = parseDurationMs(options.requestTimeout, '--request-timeout');
   if ('path' in listen) await clearStaleSocket(listen.path);
 
-  const device = await FailoverDevice.open({ name: volume, nodes, logger, failoverTimeoutMs });
+  const device = await FailoverDevice.open({ name: volume, nodes, logger, failoverTimeoutMs, requestTimeoutMs });
   const server = new NbdServer({ registry: new StaticExportRegistry([device]), logger });
   const address = await server.listen(listen);
 
@@ -130,6 +132,6 @@ export async function runAttachCommand(volume: string, options: AttachCommandOpt
           listen: `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`,
           nbd: `nbd://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}/${encodeURIComponent(volume)}`,
         };
-  logger.info('ready', { ...ready, nodes: nodes.map(describeTarget).join(','), failoverTimeoutMs });
+  logger.info('ready', { ...ready, nodes: nodes.map(describeTarget).join(','), failoverTimeoutMs, requestTimeoutMs });
   if (options.json) process.stdout.write(JSON.stringify(ready) + '\n');
 }

@@ -5,6 +5,7 @@ import { createRequire } from 'node:module';
 import { isMirrorsanError } from '../errors.js';
 import { runAttachCommand } from './attach-command.js';
 import { runNodeCommand } from './node-command.js';
+import { runVolumeReattach } from './reattach-command.js';
 import { runStatusCommand } from './status-command.js';
 import { runUpCommand } from './up-command.js';
 import { runVolumeCreate, runVolumeDelete, runVolumeList } from './volume-command.js';
@@ -73,6 +74,16 @@ coordinatorOptions(volume.command('list').description('List volumes.').option('-
 coordinatorOptions(
   volume.command('delete <name>').description('Delete a volume: nodes close its export and remove its data.'),
 ).action((name: string, options) => runVolumeDelete(name, options).catch(reportAndExit));
+volume
+  .command('reattach <name>')
+  .description("Re-attach a node's disk for a volume after a disk failure (the node is diskless, forwarding I/O): it reopens its replica, catches up, and serves from it again.")
+  .option('--admin <url>', 'admin URL of the diskless node (default http://127.0.0.1:11009)')
+  .option('--node <id>', "the diskless node's id: its admin URL is read from DIR/<id>/node.json")
+  .option('--dir <path>', 'data directory given to `mirrorsan up` (with --node)', './mirrorsan-data')
+  .option('--wait', 'wait until the replica is back in sync')
+  .option('--timeout <seconds>', 'with --wait: give up after this long', '600')
+  .option('--json', 'print JSON')
+  .action((name: string, options) => runVolumeReattach(name, options).catch(reportAndExit));
 
 program
   .command('status')
@@ -87,6 +98,7 @@ program
   .requiredOption('--listen <address>', 'where to listen: unix:PATH or HOST:PORT')
   .requiredOption('--nodes <uris>', 'nodes serving the volume, comma-separated: nbd://HOST:PORT[,nbd://HOST:PORT...]')
   .option('--failover-timeout <duration>', 'how long requests wait for a node to come back before they fail with EIO (e.g. 60s, 1500ms)', '60s')
+  .option('--request-timeout <duration>', "a node that answers nothing this long is given up on and its requests replayed on the next; must exceed the nodes' lease TTL plus failure timeout", '15s')
   .option('--json', 'print one JSON line with the endpoint when ready')
   .action((volumeName: string, options) => runAttachCommand(volumeName, options).catch(reportAndExit));
 

@@ -12,9 +12,18 @@ interface ReplicatedVolumeStatus {
   strict?: boolean;
   degraded?: boolean;
   /** Per replica as the node sees it (issue 5). */
-  replicaStates?: { node: string; state: 'in-sync' | 'catching-up' | 'out-of-sync' | 'fenced' }[];
+  replicaStates?: { node: string; state: 'in-sync' | 'catching-up' | 'out-of-sync' | 'fenced' | 'diskless' }[];
+  /** This node's disk for the volume is detached: requests are forwarded (src/volume/diskless-volume.ts). */
+  diskless?: {
+    mode: string;
+    sinceMs: number;
+    error: { code: string; message: string };
+    forwardingTo: string | null;
+    reattachError: string | null;
+    forwarder: { forwardedRequests: number; failedRequests: number; pending: number } | null;
+  } | null;
   /** This replica's catch-up, while (or after) it copies what it missed. */
-  catchUp?: { state: string; percent: number; bytesTotal: number; bytesCompared: number; bytesCopied: number; rateBytesPerSec: number; etaSeconds: number | null; lastError: string | null } | null;
+  catchUp?: { state: string; mode?: string | null; fullReason?: string | null; percent: number; bytesTotal: number; bytesCompared: number; bytesCopied: number; rateBytesPerSec: number; etaSeconds: number | null; lastError: string | null } | null;
   policing?: {
     mode: 'single-writer' | 'regions';
     regionSizeBytes: number;
@@ -87,17 +96,29 @@ export async function runStatusCommand(options: { admin: string; json?: boolean 
     for (const volume of replicated) {
       const here = volume.replicaStates?.find((replica) => replica.node === status.node.id)?.state;
       const catchUp = volume.catchUp;
+      const diskless = volume.diskless;
+      if (diskless) {
+        const since = new Date(diskless.sinceMs).toISOString();
+        const forwarded = diskless.forwarder ? `, ${diskless.forwarder.forwardedRequests} requests forwarded, ${diskless.forwarder.pending} pending, ${diskless.forwarder.failedRequests} failed` : '';
+        const next = diskless.mode === 'diskless' ? `; re-attach with: mirrorsan volume reattach ${volume.name} --admin ADMIN_URL` : '';
+        process.stdout.write(
+          `${volume.name}: ${status.node.id} is DISKLESS (${diskless.mode}) since ${since}: disk error ${diskless.error.code}: ${diskless.error.message}; ` +
+            `I/O is forwarded to ${diskless.forwardingTo ?? 'no peer yet'}${forwarded}${diskless.reattachError ? `; last re-attach failed: ${diskless.reattachError}` : ''}${next}\n`,
+        );
+      }
       if (here === 'catching-up' && catchUp) {
         const eta = catchUp.etaSeconds === null ? 'unknown' : `${catchUp.etaSeconds} s`;
         process.stdout.write(
           `${volume.name}: ${status.node.id} is CATCHING UP (${catchUp.state}): ${catchUp.percent}% compared ` +
             `(${formatSizeApprox(catchUp.bytesCompared)} of ${formatSizeApprox(catchUp.bytesTotal)}), ${formatSizeApprox(catchUp.bytesCopied)} copied, ` +
-            `${formatSizeApprox(catchUp.rateBytesPerSec)}/s, ETA ${eta}${catchUp.lastError ? `; last error: ${catchUp.lastError}` : ''}\n`,
+            `${formatSizeApprox(catchUp.rateBytesPerSec)}/s, ETA ${eta}` +
+            `${catchUp.mode === 'full' ? `; comparing the whole volume: ${catchUp.fullReason}` : catchUp.mode === 'dirty-regions' ? '; only the regions written while it was away' : ''}` +
+            `${catchUp.lastError ? `; last error: ${catchUp.lastError}` : ''}\n`,
         );
-      } else if (here === 'out-of-sync') process.stdout.write(`${volume.name}: ${status.node.id} is OUT OF SYNC and fenced: I/O here is refused until it catches up (${volume.fence ?? 'not in the in-sync set'})\n`);
+      } else if (here === 'out-of-sync' && !diskless) process.stdout.write(`${volume.name}: ${status.node.id} is OUT OF SYNC and fenced: I/O here is refused until it catches up (${volume.fence ?? 'not in the in-sync set'})\n`);
       else if (volume.fence) process.stdout.write(`${volume.name}: ${status.node.id} is FENCED: I/O here is refused: ${volume.fence}\n`);
       if (volume.degraded) {
-        const missing = (volume.replicaStates ?? []).filter((replica) => replica.state === 'out-of-sync').map((replica) => replica.node);
+        const missing = (volume.replicaStates ?? []).filter((replica) => replica.state === 'out-of-sync' || replica.state === 'diskless').map((replica) => replica.node);
         const policy = volume.strict ? 'strict: writes are refused until every replica is back' : 'writes continue on the in-sync replicas';
         process.stdout.write(`${volume.name}: DEGRADED, out of sync: ${missing.join(',') || '-'} (${policy})\n`);
       }

@@ -58,6 +58,12 @@ export interface NodeConfig {
    * unlimited), so that its catch-up leaves room for the clients' I/O.
    */
   catchUpRateBytesPerSec: number;
+  /**
+   * Test configuration only: enables the admin API's fault injection (`POST /v1/faults`: make a
+   * volume's image writes fail with EIO or ENOSPC). Default false; MIRRORSAN_FAULT_INJECTION=1
+   * in the node's environment enables it too (src/node/faults.ts).
+   */
+  faultInjection: boolean;
 }
 
 /** Default catch-up copy rate: well under a disk's, over what a 2-way write path takes here. */
@@ -87,6 +93,11 @@ function asPort(value: unknown, what: string): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 65535) {
     fail(`${what} must be a port number 0..65535, got ${JSON.stringify(value)}`);
   }
+  return value;
+}
+
+function asBoolean(value: unknown, what: string): boolean {
+  if (typeof value !== 'boolean') fail(`${what} must be true or false, got ${JSON.stringify(value)}`);
   return value;
 }
 
@@ -185,6 +196,7 @@ export function parseNodeConfig(raw: unknown): NodeConfig {
     threadPoolSize,
     failureTimeoutMs,
     catchUpRateBytesPerSec: asSize(object.catchUpRateBytesPerSec ?? DEFAULT_CATCH_UP_RATE_BYTES_PER_SEC, 'catchUpRateBytesPerSec'),
+    faultInjection: asBoolean(object.faultInjection ?? false, 'faultInjection'),
     clusterSecretFile: object.clusterSecretFile === undefined || object.clusterSecretFile === null ? null : asString(object.clusterSecretFile, 'clusterSecretFile'),
   });
 }

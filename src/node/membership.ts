@@ -10,7 +10,7 @@
 // Epoch changes reach the volumes through NodeReplication's record watch; a successful CAS
 // here is also applied at once (the watch would deliver it one poll later).
 import type { Coordinator, NodeSession, VolumeRecord, VolumeSpec } from '../cluster/index.js';
-import { joinCatchUp, leaveToCatchUp, promoteCaughtUp } from '../cluster/catch-up-record.js';
+import { joinCatchUp, leaveDiskless, leaveToCatchUp, promoteCaughtUp } from '../cluster/catch-up-record.js';
 import { decideRemoval, fenceReason, type RemovalDecision } from '../cluster/membership.js';
 import { assert, isMirrorsanError } from '../errors.js';
 import type { Logger } from '../util/log.js';
@@ -48,6 +48,8 @@ interface VolumeState {
   lastReason: string | undefined;
   /** Removals this node made for the volume. */
   removals: number;
+  /** Its disk failed (diskless mode): it never rejoins or joins a catch-up; the volume is about to close. */
+  diskless: boolean;
 }
 
 export class MembershipMonitor {
@@ -96,7 +98,7 @@ export class MembershipMonitor {
   add(spec: VolumeSpec, record: VolumeRecord, volume: ReplicatedVolume): Promise<void> {
     assert(!this.volumes.has(spec.name), `volume ${spec.name} is monitored already`);
     assert(this.volumes.size < VOLUMES_MAX, 'too many monitored volumes');
-    const state: VolumeState = { name: spec.name, spec, volume, record, rejoinedLease: undefined, rejoin: undefined, removal: undefined, catchUpChange: undefined, lastReason: undefined, removals: 0 };
+    const state: VolumeState = { name: spec.name, spec, volume, record, rejoinedLease: undefined, rejoin: undefined, removal: undefined, catchUpChange: undefined, lastReason: undefined, removals: 0, diskless: false };
     this.volumes.set(spec.name, state);
     // A peer not watched before gets failureTimeoutMs of grace from now (its links may still be coming up).
     const nowMs = this.now();
@@ -139,6 +141,29 @@ export class MembershipMonitor {
       if (state.catchUpChange === change) state.catchUpChange = undefined;
     });
     return (state.record.catchingUp ?? []).includes(this.options.self);
+  }
+
+  /**
+   * The volume's disk failed (diskless mode, src/volume/diskless-volume.ts): from now on it never
+   * rejoins or asks to catch up (its store is gone), and it leaves the in-sync or catching-up set
+   * by CAS (`leaveDiskless`: never as the last in-sync member). Says where that left it: out of
+   * both sets, still the last in-sync member, or failed (the CAS attempts ran out: try again).
+   */
+  async leaveDiskless(name: string): Promise<{ outcome: 'out' | 'last-in-sync' | 'failed'; record: VolumeRecord | undefined }> {
+    const state = this.volumes.get(name);
+    if (!state) return { outcome: 'failed', record: undefined };
+    const { self } = this.options;
+    state.diskless = true;
+    await state.catchUpChange;
+    const change = this.changeRecord(state, 'leave-diskless', (record) => leaveDiskless(record, self, Date.now()));
+    state.catchUpChange = change;
+    await change.finally(() => {
+      if (state.catchUpChange === change) state.catchUpChange = undefined;
+    });
+    const { record } = state;
+    if (!record.inSync.includes(self) && !(record.catchingUp ?? []).includes(self)) return { outcome: 'out', record };
+    if (record.inSync.length === 1 && record.inSync[0] === self) return { outcome: 'last-in-sync', record };
+    return { outcome: 'failed', record };
   }
 
   /**
@@ -216,7 +241,7 @@ export class MembershipMonitor {
 
   private startRejoin(state: VolumeState): Promise<void> | undefined {
     const session = this.session;
-    if (this.closed || !session || !session.isValid() || state.rejoin || state.rejoinedLease === session.leaseId) return undefined;
+    if (this.closed || !session || !session.isValid() || state.rejoin || state.diskless || state.rejoinedLease === session.leaseId) return undefined;
     state.rejoin = this.rejoin(state, session).finally(() => {
       state.rejoin = undefined;
       if (this.volumes.get(state.name) === state) this.evaluate(state, this.now());
@@ -264,7 +289,7 @@ export class MembershipMonitor {
   private maybeJoinCatchUp(state: VolumeState, nowMs: number): void {
     const { self } = this.options;
     const { record } = state;
-    if (state.catchUpChange || state.rejoin || !this.leaseValid() || state.rejoinedLease !== this.session?.leaseId) return;
+    if (state.diskless || state.catchUpChange || state.rejoin || !this.leaseValid() || state.rejoinedLease !== this.session?.leaseId) return;
     if (!record.replicas.includes(self) || record.inSync.includes(self) || (record.catchingUp ?? []).includes(self)) return;
     if (fenceReason({ self, record, leaseValid: true, lastHeardMs: this.lastHeardMs, nowMs, failureTimeoutMs: this.options.failureTimeoutMs }) !== undefined) return;
     const change = this.changeRecord(state, 'join', (current) => joinCatchUp(current, self, Date.now()));
@@ -275,7 +300,7 @@ export class MembershipMonitor {
   }
 
   /** A catch-up record change by CAS: up to REJOIN_ATTEMPTS_MAX tries, each from the newest record. */
-  private async changeRecord(state: VolumeState, what: 'join' | 'promote' | 'leave', next: (record: VolumeRecord) => VolumeRecord | undefined): Promise<void> {
+  private async changeRecord(state: VolumeState, what: 'join' | 'promote' | 'leave' | 'leave-diskless', next: (record: VolumeRecord) => VolumeRecord | undefined): Promise<void> {
     for (let attempt = 1; attempt <= REJOIN_ATTEMPTS_MAX && !this.closed; attempt++) {
       const record = state.record;
       const proposed = next(record);
@@ -283,7 +308,12 @@ export class MembershipMonitor {
       try {
         const result = await this.coordinator.casVolumeRecord(state.name, record.epoch, proposed);
         if (result.ok) {
-          const message = { join: 'catching up: joined the volume\'s catching-up set', promote: 'caught up: back in the in-sync set', leave: 'left the in-sync set to catch up' }[what];
+          const message = {
+            join: 'catching up: joined the volume\'s catching-up set',
+            promote: 'caught up: back in the in-sync set',
+            leave: 'left the in-sync set to catch up',
+            'leave-diskless': 'disk failed: left the in-sync set (diskless)',
+          }[what];
           this.logger.info(message, { volume: state.name, epoch: proposed.epoch });
           this.adopt(state, proposed);
           return;

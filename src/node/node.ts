@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { AdminServer, MetricsText } from '../admin/http.js';
+import { AdminServer, MetricsText, type AdminHandlers, type AdminReply } from '../admin/http.js';
 import { renderDashboard } from '../admin/dashboard.js';
 import { MirrorsanError, isMirrorsanError } from '../errors.js';
 import { createCoordinator, type Coordinator, type NodeSession, type VolumeSpec } from '../cluster/index.js';
@@ -15,6 +15,7 @@ import type { Logger } from '../util/log.js';
 import type { BlockDevice, ExportRegistry } from '../volume/device.js';
 import { LocalVolume } from '../volume/local-volume.js';
 import type { NodeConfig, VolumeConfig } from './config.js';
+import { FaultSwitch, faultInjectionEnabled, parseFaultRequest } from './faults.js';
 import { NodeReplication, readClusterSecret } from './replication.js';
 
 export interface NodeReadyInfo {
@@ -67,11 +68,14 @@ export class MirrorsanNode {
   private replication: NodeReplication | undefined;
   private readonly startedAtMs = Date.now();
   private stopping: Promise<void> | undefined;
+  /** Test configuration only (src/node/faults.ts): injected store faults; undefined in production. */
+  private readonly faults: FaultSwitch | undefined;
 
   constructor(config: NodeConfig, configPath: string, logger: Logger) {
     this.config = config;
     this.configPath = configPath;
     this.logger = logger;
+    this.faults = faultInjectionEnabled(config, process.env) ? new FaultSwitch() : undefined;
   }
 
   async start(): Promise<NodeReadyInfo> {
@@ -86,6 +90,7 @@ export class MirrorsanNode {
         checkpointIntervalMs: config.checkpointIntervalMs,
         failureTimeoutMs: config.failureTimeoutMs,
         catchUpRateBytesPerSec: config.catchUpRateBytesPerSec,
+        ...(this.faults ? { faultsFor: (volume: string) => this.faults!.imageFaults(volume) } : {}),
       });
     }
     for (const volumeConfig of config.volumes) await this.openVolume(volumeConfig);
@@ -115,10 +120,8 @@ export class MirrorsanNode {
       await listenNet(this.peerServer, config.peer.port, config.peer.host);
     }
 
-    this.adminServer = new AdminServer(
-      { status: () => this.status(), metrics: () => this.metrics(), dashboardHtml: () => renderDashboard(this.status()) },
-      this.logger.child('admin'),
-    );
+    if (this.faults) this.logger.warn('fault injection is ENABLED on this node (test configuration): POST /v1/faults can fail its disks');
+    this.adminServer = new AdminServer(this.adminHandlers(), this.logger.child('admin'));
     await this.adminServer.listen(config.admin.port, config.admin.host);
 
     const firstVolume = config.volumes[0]?.name ?? [...this.volumes.keys()].sort()[0] ?? '';
@@ -282,7 +285,8 @@ export class MirrorsanNode {
       }
       const volume = await this.replication.openVolume(spec, record, this.volumeDir(spec.name), coordinator);
       this.failedVolumes.delete(spec.name);
-      this.registry.add(volume);
+      // The export survives a disk failure (diskless mode: it forwards to an in-sync peer).
+      this.registry.add(this.replication.exportOf(spec.name) ?? volume);
       volumeLogger.info('replicated volume opened', { epoch: record.epoch, replicas: record.replicas.join(','), inSync: record.inSync.join(',') });
       return true;
     } catch (error) {
@@ -336,12 +340,58 @@ export class MirrorsanNode {
         }
       }
     }
-    for (const volume of this.replication?.openVolumes() ?? []) {
-      for (const [key, value] of Object.entries(volume.stats())) {
+    for (const volume of this.replication?.volumeStats() ?? []) {
+      for (const [key, value] of Object.entries(volume.values)) {
         text.add(`mirrorsan_replicated_volume_${snakeCase(key)}`, 'gauge', `Replicated volume ${key}.`, value, { node: this.config.id, volume: volume.name });
       }
     }
     return text.toString();
+  }
+
+  private adminHandlers(): AdminHandlers {
+    const handlers: AdminHandlers = {
+      status: () => this.status(),
+      metrics: () => this.metrics(),
+      dashboardHtml: () => renderDashboard(this.status()),
+      reattach: (volume) => this.reattach(volume),
+    };
+    const faults = this.faults;
+    if (faults) {
+      const current = (): AdminReply => ({ status: 200, body: { node: this.config.id, faults: faults.list(), injectedFailures: faults.injected } });
+      handlers.faults = {
+        set: (body) => {
+          try {
+            faults.set(parseFaultRequest(body));
+          } catch (error) {
+            return { status: 400, body: { error: (error as Error).message, code: isMirrorsanError(error) ? error.code : 'CONFIG_INVALID' } };
+          }
+          this.logger.warn('fault injected', { faults: JSON.stringify(faults.list()) });
+          return current();
+        },
+        clear: (volume) => {
+          faults.clear(volume);
+          this.logger.warn('faults cleared', { volume: volume ?? 'all', faults: JSON.stringify(faults.list()) });
+          return current();
+        },
+        list: current,
+      };
+    }
+    return handlers;
+  }
+
+  /** POST /v1/volumes/NAME/reattach: re-opens a diskless volume's replica, which then catches up. */
+  private async reattach(volume: string): Promise<AdminReply> {
+    const replication = this.replication;
+    if (!replication?.has(volume)) {
+      return { status: 404, body: { error: `no replicated volume ${volume} on node ${this.config.id}`, code: 'VOLUME_NOT_FOUND' } };
+    }
+    try {
+      const result = await replication.reattach(volume);
+      if (!result) return { status: 409, body: { error: `volume ${volume} runs without a coordinator: it cannot go diskless or re-attach`, code: 'CONFIG_INVALID' } };
+      return { status: 200, body: { node: this.config.id, volume, mode: result.mode, changed: result.changed } };
+    } catch (error) {
+      return { status: 503, body: { node: this.config.id, volume, error: (error as Error).message, code: isMirrorsanError(error) ? error.code : 'STORE_IO' } };
+    }
   }
 
   /** Stops accepting work, lets in-flight requests finish, checkpoints every volume. */

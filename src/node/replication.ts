@@ -14,7 +14,11 @@ import type { Coordinator, NodeRegistration, NodeSession, Unsubscribe, VolumeRec
 import { replicaStates } from '../cluster/membership.js';
 import { MirrorsanError, assert } from '../errors.js';
 import { PeerLink, PeerListener, type PeerConnection, type PeerMessage, type PeerTimings } from '../replication/peer-link.js';
+import type { ImageFaults } from '../store/image.js';
 import type { Logger } from '../util/log.js';
+import type { BlockDevice } from '../volume/device.js';
+import type { ForwardTarget } from '../volume/diskless.js';
+import { DisklessVolume, type DisklessLeaveOutcome } from '../volume/diskless-volume.js';
 import { ReplicatedVolume } from '../volume/replicated-volume.js';
 import { DEFAULT_FAILURE_TIMEOUT_MS, type Endpoint } from './config.js';
 import { MembershipMonitor, membershipOf } from './membership.js';
@@ -42,6 +46,19 @@ export interface NodeReplicationOptions {
   failureTimeoutMs?: number;
   /** NodeConfig.catchUpRateBytesPerSec (0: unlimited). */
   catchUpRateBytesPerSec?: number;
+  /** Test-only injected store faults per volume (src/node/faults.ts); absent in production. */
+  faultsFor?: (volume: string) => ImageFaults | undefined;
+  /** Diskless mode: a forwarded request fails with EIO after waiting this long for an in-sync peer (default 30 s). */
+  forwardWaitMaxMs?: number;
+}
+
+/** Closing a replica whose disk failed may hang on that disk: not longer than this. */
+const DETACH_CLOSE_TIMEOUT_MS = 10_000;
+
+/** Where to reach a node's NBD export: its NBD address, or its peer address if the NBD one is a wildcard. */
+export function nbdTargetOf(node: Pick<NodeRegistration, 'nbd' | 'peer'>): { host: string; port: number } {
+  const wildcard = node.nbd.host === '' || node.nbd.host === '0.0.0.0' || node.nbd.host === '::';
+  return { host: wildcard ? node.peer.host : node.nbd.host, port: node.nbd.port };
 }
 
 /** Reads the cluster secret (a file written by `mirrorsan up`, mode 0600). */
@@ -81,6 +98,15 @@ export class NodeReplication {
   private readonly recordWatches = new Map<string, Unsubscribe>();
   /** Failure detection, removal, fencing and rejoin (issue 5); made with the first coordinator. */
   private monitor: MembershipMonitor | undefined;
+  /**
+   * Per volume opened with a coordinator: the export clients use (the local replica, or
+   * forwarding while the disk is detached), what reopening needs, and the newest record (watched
+   * for as long as the export lives, also while no replica is open here).
+   */
+  private readonly exports = new Map<string, { frontEnd: DisklessVolume; spec: VolumeSpec; dir: string; coordinator: Coordinator; unwatch: Unsubscribe }>();
+  private readonly latestRecords = new Map<string, VolumeRecord>();
+  /** NBD endpoints of the live registrations (forwarding targets in diskless mode). */
+  private nbdTargets = new Map<string, { host: string; port: number }>();
   private closed = false;
 
   constructor(options: NodeReplicationOptions) {
@@ -103,6 +129,7 @@ export class NodeReplication {
     this.tickTimer = setInterval(() => {
       const now = Math.floor(performance.now());
       for (const volume of this.volumes.values()) volume.tick(now);
+      for (const entry of this.exports.values()) entry.frontEnd.tick();
       this.monitor?.tick();
     }, TICK_INTERVAL_MS);
     this.tickTimer.unref();
@@ -113,6 +140,7 @@ export class NodeReplication {
     const monitor = this.monitorFor(coordinator);
     this.unwatchNodes = coordinator.watchNodes((nodes) => {
       monitor.setLiveNodes(nodes.map((node) => node.id));
+      this.nbdTargets = new Map(nodes.map((node) => [node.id, nbdTargetOf(node)]));
       this.setPeers(nodes);
     });
   }
@@ -162,11 +190,53 @@ export class NodeReplication {
    * overlap one given after the restart.
    */
   async openVolume(spec: VolumeSpec, record: VolumeRecord, dir: string, coordinator?: Coordinator): Promise<ReplicatedVolume> {
+    assert(!this.exports.has(spec.name), `volume ${spec.name} is exported already`);
+    const volume = await this.openReplica(spec, record, dir, coordinator);
+    // Diskless mode needs the coordinator: leaving the in-sync set is a CAS there.
+    if (coordinator) {
+      const frontEnd = new DisklessVolume({
+        volume,
+        logger: this.logger.child(`volume ${spec.name}`),
+        ...(this.options.forwardWaitMaxMs !== undefined ? { forwardWaitMaxMs: this.options.forwardWaitMaxMs } : {}),
+        host: {
+          leave: (failed) => this.leaveDiskless(spec.name, failed),
+          detach: (failed) => this.closeReplica(spec.name, failed),
+          reopen: (ownSequenceFloor) => this.reopenReplica(spec.name, ownSequenceFloor),
+          forwardTargets: () => this.forwardTargets(spec.name),
+        },
+      });
+      const unwatch = coordinator.watchVolumeRecord(spec.name, (next) => {
+        if (next) this.noteRecord(spec.name, next);
+      });
+      this.noteRecord(spec.name, record);
+      this.exports.set(spec.name, { frontEnd, spec, dir, coordinator, unwatch });
+    }
+    return volume;
+  }
+
+  /**
+   * What NBD clients are served for the volume: the export that survives disk failures (the
+   * local replica, or forwarding to an in-sync peer), or the replica itself without a coordinator.
+   */
+  exportOf(name: string): BlockDevice | undefined {
+    return this.exports.get(name)?.frontEnd ?? this.volumes.get(name);
+  }
+
+  /** POST /v1/volumes/NAME/reattach: re-opens the local replica of a diskless volume (it catches up). */
+  async reattach(name: string): Promise<{ mode: string; changed: boolean } | undefined> {
+    const entry = this.exports.get(name);
+    if (!entry) return undefined;
+    return entry.frontEnd.reattach();
+  }
+
+  /** The replica itself: opened from `dir` (log replay), routed, followed and monitored. */
+  private async openReplica(spec: VolumeSpec, record: VolumeRecord, dir: string, coordinator?: Coordinator, ownSequenceFloor?: number): Promise<ReplicatedVolume> {
     assert(!this.volumes.has(spec.name), `volume ${spec.name} is open already`);
     if (!record.replicas.includes(this.options.self)) {
       throw new MirrorsanError('CONFIG_INVALID', `volume ${spec.name}: this node (${this.options.self}) is not one of its replicas (${record.replicas.join(', ')})`);
     }
     for (const replica of record.replicas) if (replica !== this.options.self) this.knownPeers.add(replica);
+    let opened: ReplicatedVolume | undefined;
     const volume = await ReplicatedVolume.open({
       name: spec.name,
       description: `mirrorsan volume ${spec.name} (${record.replicas.length} replicas)`,
@@ -183,6 +253,10 @@ export class NodeReplication {
         resetOutbound: (peer, reason) => this.links.get(peer)?.reconnect(reason),
       },
       logger: this.logger.child(`volume ${spec.name}`),
+      ...(this.options.faultsFor?.(spec.name) ? { faults: this.options.faultsFor(spec.name)! } : {}),
+      ...(ownSequenceFloor !== undefined ? { ownSequenceFloor } : {}),
+      // Bound once open: a store failure then reaches the export, which goes diskless.
+      ...(coordinator ? { onDiskFailure: (failure: MirrorsanError) => opened && this.exports.get(spec.name)?.frontEnd.diskFailed(opened, failure) } : {}),
       ...(this.options.checkpointIntervalMs !== undefined ? { checkpointIntervalMs: this.options.checkpointIntervalMs } : {}),
       strict: spec.strict,
       servingCheck: () => this.monitor?.leaseProblem(),
@@ -197,6 +271,7 @@ export class NodeReplication {
           }
         : {}),
     });
+    opened = volume;
     this.volumes.set(spec.name, volume);
     // Links that came up before the volume existed: tell it now (its peers wait for our ACKs),
     // then hand it the positioning ACKs its peers sent before it was open.
@@ -221,14 +296,91 @@ export class NodeReplication {
     return volume;
   }
 
+  /** Closes the volume's export (forwarding, if diskless) and its replica. */
   async closeVolume(name: string): Promise<void> {
+    const entry = this.exports.get(name);
+    if (entry) {
+      this.exports.delete(name);
+      entry.unwatch();
+      entry.frontEnd.close();
+      this.latestRecords.delete(name);
+    }
     const volume = this.volumes.get(name);
-    if (!volume) return;
+    if (volume) await this.closeReplica(name, volume);
+  }
+
+  /** Stops routing frames to `volume` and closes it (bounded: its disk may hang). */
+  private async closeReplica(name: string, volume: ReplicatedVolume): Promise<void> {
+    if (this.volumes.get(name) !== volume) return;
     this.volumes.delete(name);
     this.monitor?.remove(name);
     this.recordWatches.get(name)?.();
     this.recordWatches.delete(name);
-    await volume.close();
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
+        this.logger.error('closing a replica timed out; its logs will be replayed when it opens again', { volume: name, timeoutMs: DETACH_CLOSE_TIMEOUT_MS });
+        resolve();
+      }, DETACH_CLOSE_TIMEOUT_MS);
+      timer.unref();
+    });
+    try {
+      await Promise.race([volume.close(), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  // ---- diskless mode (src/volume/diskless-volume.ts) -------------------------------------
+
+  /** The CAS out of the in-sync or catching-up set, through the membership monitor. */
+  private async leaveDiskless(name: string, volume: ReplicatedVolume): Promise<DisklessLeaveOutcome> {
+    if (this.volumes.get(name) !== volume || !this.monitor) return 'failed';
+    const { outcome, record } = await this.monitor.leaveDiskless(name);
+    if (record) this.noteRecord(name, record);
+    return outcome;
+  }
+
+  /** Opens the replica of a diskless volume again from the newest record; it joins the catch-up on its own. */
+  private async reopenReplica(name: string, ownSequenceFloor: number): Promise<ReplicatedVolume> {
+    const entry = this.exports.get(name);
+    if (!entry) throw new MirrorsanError('VOLUME_NOT_FOUND', `volume ${name} is not open here`);
+    if (this.volumes.has(name)) throw new MirrorsanError('CONFIG_INVALID', `volume ${name}: a replica is open already`);
+    const record = (await entry.coordinator.getVolumeRecord(name)) ?? this.latestRecords.get(name);
+    if (!record) throw new MirrorsanError('VOLUME_NOT_FOUND', `volume ${name} has no record at the coordinator`);
+    this.noteRecord(name, record);
+    // ACKs kept while no replica was open here position the stream of the replica that failed,
+    // not of this one (its log is what it replayed now): drop them.
+    const early = this.earlyAcks.get(name);
+    if (early) {
+      this.earlyAcks.delete(name);
+      this.earlyAckCount -= early.size;
+    }
+    const volume = await this.openReplica(entry.spec, record, entry.dir, entry.coordinator, ownSequenceFloor);
+    // The links stayed up across the failure, so no peer would send the ACK that positions this
+    // replica's stream (a link-up does): redial them, as a restarted node's links would be.
+    for (const peer of record.replicas) if (peer !== this.options.self) this.links.get(peer)?.reconnect(`volume ${name} re-attached: repositioning its stream`);
+    return volume;
+  }
+
+  /** In-sync members other than this node that hold a live registration, arbiter first. */
+  private forwardTargets(name: string): ForwardTarget[] {
+    const record = this.latestRecords.get(name);
+    if (!record) return [];
+    const members = record.inSync.filter((node) => node !== this.options.self);
+    const arbiter = record.arbiter;
+    if (arbiter !== undefined && members.includes(arbiter)) members.sort((a, b) => (a === arbiter ? -1 : b === arbiter ? 1 : 0));
+    const targets: ForwardTarget[] = [];
+    for (const node of members) {
+      const target = this.nbdTargets.get(node);
+      if (target) targets.push({ node, target });
+    }
+    return targets;
+  }
+
+  private noteRecord(name: string, record: VolumeRecord): void {
+    const known = this.latestRecords.get(name);
+    if (!known || record.epoch > known.epoch) this.latestRecords.set(name, record);
   }
 
   /** The open replicated volumes (for /metrics). */
@@ -249,7 +401,7 @@ export class NodeReplication {
   }
 
   has(name: string): boolean {
-    return this.volumes.has(name);
+    return this.volumes.has(name) || this.exports.has(name);
   }
 
   status(): object[] {
@@ -257,18 +409,68 @@ export class NodeReplication {
     for (const [peer, link] of this.links) {
       links[peer] = { outbound: link.state, inbound: this.listener.connectionFor(peer) ? 'up' : 'down', connectionsOpened: link.connectionsOpened, rttMs: link.stats?.lastRttMs ?? -1 };
     }
-    return [...this.volumes.values()].map((volume) => {
+    const { self } = this.options;
+    return this.volumeNames().map((name) => {
+      const volume = this.volumes.get(name);
+      const entry = this.exports.get(name);
+      const diskless = entry?.frontEnd.status() ?? null;
+      if (!volume) {
+        // Diskless, no replica open here: what the record says, and where requests go.
+        const record = this.latestRecords.get(name);
+        const states = record ? replicaStates(record, self, false) : [];
+        return {
+          name,
+          sizeBytes: entry?.spec.sizeBytes ?? 0,
+          epoch: record?.epoch ?? 0,
+          mode: entry?.spec.mode ?? 'sync',
+          replicas: record ? [...record.replicas] : [],
+          inSync: record ? [...record.inSync] : [],
+          arbiter: record?.arbiter ?? record?.inSync[0] ?? null,
+          catchingUp: [...(record?.catchingUp ?? [])],
+          fence: null,
+          strict: entry?.spec.strict ?? false,
+          replicaState: 'diskless',
+          replicaStates: states.map((replica) => (replica.node === self && replica.state === 'out-of-sync' ? { node: self, state: 'diskless' } : replica)),
+          degraded: record ? record.inSync.length < record.replicas.length : true,
+          catchUp: null,
+          diskless,
+          membership: null,
+          links,
+        };
+      }
       const membership = volume.currentMembership;
+      const status = volume.status() as { replicaState: string };
+      // The disk failed and the replica is about to close: it serves by forwarding already.
+      const detaching = diskless !== null && diskless.mode === 'detaching';
+      const states = replicaStates(membership, self, volume.fenceReason !== undefined);
       return {
-        ...volume.status(),
+        ...status,
+        replicaState: detaching ? 'diskless' : status.replicaState,
         // Per replica as this node sees it: in-sync, out-of-sync (not in the record's in-sync
-        // set: needs catch-up) or fenced (this node, while it may not serve).
-        replicaStates: replicaStates(membership, this.options.self, volume.fenceReason !== undefined),
+        // set: needs catch-up), fenced (this node, while it may not serve), or diskless (this
+        // node, its disk detached: it serves by forwarding).
+        replicaStates: detaching ? states.map((replica) => (replica.node === self ? { node: self, state: 'diskless' } : replica)) : states,
         degraded: membership.inSync.length < membership.replicas.length,
+        diskless,
         membership: this.monitor?.status(volume.name) ?? null,
         links,
       };
     });
+  }
+
+  /** Per volume, the numbers for /metrics: the replica's (when one is open) and the export's. */
+  volumeStats(): { name: string; values: Record<string, number> }[] {
+    return this.volumeNames().map((name) => {
+      const volume = this.volumes.get(name);
+      const record = this.latestRecords.get(name);
+      const base = volume?.stats() ?? (record ? { epoch: record.epoch, inSyncMembers: record.inSync.length, replicas: record.replicas.length, inSyncHere: 0 } : {});
+      return { name, values: { ...base, ...(this.exports.get(name)?.frontEnd.stats() ?? {}) } };
+    });
+  }
+
+  /** Every replicated volume exported here: with a replica open, or diskless. */
+  private volumeNames(): string[] {
+    return [...new Set([...this.volumes.keys(), ...this.exports.keys()])].sort();
   }
 
   /** Closes every volume (checkpointing it), then the links and the listener. */
@@ -278,7 +480,7 @@ export class NodeReplication {
     clearInterval(this.tickTimer);
     this.unwatchNodes?.();
     this.monitor?.close();
-    for (const name of [...this.volumes.keys()]) {
+    for (const name of this.volumeNames()) {
       try {
         await this.closeVolume(name);
       } catch (error) {

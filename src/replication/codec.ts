@@ -172,10 +172,12 @@ export interface RegionRequestMessage {
   volume: string;
   epoch: number;
   requestId: number;
-  kind: 'digests' | 'read';
+  kind: 'digests' | 'read' | 'dirty';
+  /** dirty: the epoch since which changes are asked for (0: since the asker left the stream). */
   offset: number;
+  /** dirty: 0. */
   lengthBytes: number;
-  /** digests: the chunk size; read: 0. */
+  /** digests: the chunk size; read: 0; dirty: the asker's tracking chunk size (answers must use the same). */
   chunkBytes: number;
 }
 
@@ -191,6 +193,8 @@ export interface RegionReplyMessage {
 
 const REGION_KIND_DIGESTS = 1;
 const REGION_KIND_READ = 2;
+const REGION_KIND_DIRTY = 3;
+const REGION_KINDS = { digests: REGION_KIND_DIGESTS, read: REGION_KIND_READ, dirty: REGION_KIND_DIRTY } as const;
 
 export interface ErrorMessage {
   type: 'ERROR';
@@ -425,7 +429,7 @@ function encodeFields(message: ReplicationMessage): Buffer {
       const w = start(8 + 8 + 1 + 8 + 8 + 4 + 1 + volume.length);
       w.u64(message.epoch, 'epoch');
       w.u64(message.requestId, 'requestId');
-      w.u8(message.kind === 'digests' ? REGION_KIND_DIGESTS : REGION_KIND_READ);
+      w.u8(REGION_KINDS[message.kind]);
       w.u64(message.offset, 'offset');
       w.u64(message.lengthBytes, 'lengthBytes');
       w.u32(message.chunkBytes);
@@ -644,12 +648,13 @@ function decodeBody(type: Exclude<MessageType, 'WRITE'>, body: Buffer): Replicat
       const epoch = r.u64('epoch');
       const requestId = r.u64('requestId');
       const kindByte = r.u8('kind');
-      if (kindByte !== REGION_KIND_DIGESTS && kindByte !== REGION_KIND_READ) throw badFrame(`REGION_REQUEST of unknown kind ${kindByte}`);
+      const kind = kindByte === REGION_KIND_DIGESTS ? 'digests' : kindByte === REGION_KIND_READ ? 'read' : kindByte === REGION_KIND_DIRTY ? 'dirty' : undefined;
+      if (kind === undefined) throw badFrame(`REGION_REQUEST of unknown kind ${kindByte}`);
       const offset = r.u64('offset');
       const lengthBytes = r.u64('lengthBytes');
       const chunkBytes = r.u32('chunkBytes');
       const volume = r.name('volume');
-      message = { type, volume, epoch, requestId, kind: kindByte === REGION_KIND_DIGESTS ? 'digests' : 'read', offset, lengthBytes, chunkBytes };
+      message = { type, volume, epoch, requestId, kind, offset, lengthBytes, chunkBytes };
       break;
     }
     case 'REGION_REPLY': {

@@ -405,24 +405,31 @@ describe('peer listener refusals (logged with the reason; nothing delivered)', (
     assert.ok(grownBytes < 64 * 1024 * 1024, `array buffers grew by ${grownBytes} bytes`);
   });
 
-  it('answers stale-epoch frames with ERROR(REPL_EPOCH_STALE) and never delivers them', async () => {
+  it('answers stale-epoch frames with ERROR(REPL_EPOCH_STALE) and never delivers them; a stale stream frame also closes the connection so that the source repositions', async () => {
     const server = await startListener({ isStale: (volume, epoch) => volume === 'vol0' && epoch < 5 });
     const client = startLink(server.port);
     await waitFor(() => client.link.state === 'up', 'link up');
+    // Answers carry no stream position to lose: refused, and the link stays up.
+    client.link.send({ type: 'ACK', volume: 'vol0', epoch: 3, source: 'n2', sequence: 9 });
+    client.link.send({ type: 'CHECKPOINT_ACK', volume: 'vol0', epoch: 4, source: 'n2', sequence: 9 });
+    await waitFor(() => client.received.filter((m) => m.type === 'ERROR').length === 2, 'two ERRORs');
+    assert.deepEqual(client.states, ['up'], 'the link stays up: an answer leaves no hole');
+    // A stale WRITE leaves a hole in the source's stream, which nothing else would tell it about:
+    // refused, then the connection closes; the link redials and the source resends from there.
     client.link.send(write(1, 4096, 3));
-    client.link.send(write(2, 4096, 3));
-    client.link.send({ type: 'CHECKPOINT', volume: 'vol0', epoch: 4, source: 'n1', sequence: 2 });
+    await waitFor(() => client.received.filter((m) => m.type === 'ERROR').length === 3 && client.states.length === 3 && client.link.state === 'up', 'the ERROR, then the link down and up again');
+    assert.deepEqual(client.states, ['up', 'down', 'up']);
     client.link.send(write(1, 4096, 5));
-    await waitFor(() => client.received.filter((m) => m.type === 'ERROR').length === 3 && client.received.some((m) => m.type === 'ACK'), 'three ERRORs and one ACK');
+    await waitFor(() => client.received.some((m) => m.type === 'ACK'), 'the ACK of the fresh WRITE');
     assert.deepEqual(server.received.map((m) => [m.type, (m as WriteMessage).epoch]), [['WRITE', 5]]);
     const errors = client.received.filter((m) => m.type === 'ERROR');
     assert.ok(errors.every((e) => e.code === 'REPL_EPOCH_STALE'));
-    assert.match(errors[0]!.message, /WRITE for volume vol0 at epoch 3 refused: stale epoch/);
+    assert.match(errors[2]!.message, /WRITE for volume vol0 at epoch 3 refused: stale epoch/);
     assert.equal(server.connections[0]!.stats.staleFramesRefused, 3);
-    const staleLines = server.log.lines.filter((l) => l.includes('stale epoch') && l.includes('warn'));
+    const staleLines = server.log.lines.filter((l) => l.includes('refused frame with a stale epoch') && l.includes('warn'));
     assert.equal(staleLines.length, 2, 'one warn line per (volume, epoch), not per frame');
     assert.match(staleLines[0]!, /code=REPL_EPOCH_STALE .*volume=vol0 epoch=3/);
-    assert.deepEqual(client.states, ['up'], 'the link stays up: staleness is per volume');
+    assert.ok(server.log.lines.some((l) => l.includes('peer connection closed') && l.includes('code=REPL_EPOCH_STALE')), server.log.lines.join('\n'));
   });
 
   it('limits concurrent unauthenticated connections and times out silent ones', async () => {

@@ -14,7 +14,8 @@
 //   and a drain signal; heartbeats (PING/PONG) every `heartbeatIntervalMs`, and a connection
 //   on which nothing arrived for `deadAfterMs` is declared dead and closed; frames whose epoch
 //   is stale for their volume (the owner's `isStale`) are answered with
-//   ERROR(REPL_EPOCH_STALE) and dropped, never delivered (invariant I2).
+//   ERROR(REPL_EPOCH_STALE) and dropped, never delivered (invariant I2); a stale stream frame
+//   (WRITE, SYNC, CHECKPOINT) also closes the connection, so that its source repositions.
 //
 // Memory per connection is bounded: before authentication the decoder accepts only HELLO and
 // AUTH (a few hundred bytes each); after it, one frame of at most FRAME_BODY_MAX_BYTES is
@@ -380,6 +381,15 @@ export class PeerConnection {
       this.log.debug('refused frame with a stale epoch', fields);
     }
     this.writeInternal({ type: 'ERROR', code: 'REPL_EPOCH_STALE', message: `${message.type} for volume ${message.volume} at epoch ${message.epoch} refused: stale epoch` });
+    if (message.type === 'WRITE' || message.type === 'SYNC' || message.type === 'CHECKPOINT') {
+      // The source's stream now has a hole here, and nothing else tells it: its later frames
+      // would be refused as a gap, or (at the new epoch) never be resent, and its writes hang
+      // (found by test/attach-fencing.test.ts: a target that adopted an epoch before the
+      // writer did). Closing the connection makes the source reposition from the ACK of the
+      // next link-up and resend, as the target engine's resyncNeeded does for the same case.
+      this.log.warn('peer connection closed', { remote: this.remoteAddress, peer: this.peerIdValue, code: 'REPL_EPOCH_STALE', reason: 'a stream frame of an older epoch was refused: the source must reposition' });
+      this.end('REPL_EPOCH_STALE', `${message.type} of volume ${message.volume} at the older epoch ${message.epoch} refused`, true);
+    }
   }
 
   private heartbeat(): void {

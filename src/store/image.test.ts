@@ -9,11 +9,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { isMirrorsanError } from '../errors.js';
 import { createMemoryLogger } from '../util/log.js';
-import { ImageFile, WRITE_PIECE_BYTES } from './image.js';
+import { ImageFile, WRITE_PIECE_BYTES, type ImageFaults } from './image.js';
 
 const MiB = 1024 * 1024;
 
-async function tempImage(t: { after: (fn: () => Promise<void>) => void }, faults?: { failImageWrites: () => boolean }, writePieceBytes?: number) {
+async function tempImage(t: { after: (fn: () => Promise<void>) => void }, faults?: ImageFaults, writePieceBytes?: number) {
   const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'mirrorsan-img-'));
   const logger = createMemoryLogger();
   const file = path.join(dir, 'volume.img');
@@ -83,6 +83,16 @@ test('an injected fault fails image writes with STORE_IO (EIO) and nothing else'
   await assert.rejects(image.write(0, [Buffer.alloc(4096, 2)]), (e: unknown) => isMirrorsanError(e, 'STORE_IO') && /EIO/.test(e.message));
   await assert.rejects(image.writeZeros(0, 4096), (e: unknown) => isMirrorsanError(e, 'STORE_IO'));
   assert.equal((await readBack(image, 0, 1))[0], 1, 'reads still work');
+});
+
+test('an injected ENOSPC fault names ENOSPC in the STORE_IO error, and clearing it lets writes through again', async (t) => {
+  let fault: 'ENOSPC' | undefined = 'ENOSPC';
+  const { image } = await tempImage(t, { failImageWrites: () => fault ?? false });
+  await assert.rejects(image.write(8192, [Buffer.alloc(4096, 3)]), (e: unknown) => isMirrorsanError(e, 'STORE_IO') && /ENOSPC/.test(e.message) && !/EIO/.test(e.message));
+  assert.equal((await readBack(image, 8192, 1))[0], 0, 'the failed write left nothing in the file');
+  fault = undefined;
+  await image.write(8192, [Buffer.alloc(4096, 3)]);
+  assert.equal((await readBack(image, 8192, 1))[0], 3);
 });
 
 test('with writePieceBytes, a larger write lands whole, in concurrent pieces, at any offset', async (t) => {

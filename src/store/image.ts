@@ -32,10 +32,19 @@ const ZERO_WRITE_MAX_BYTES = 64 * 1024 * 1024;
  */
 export const WRITE_PIECE_BYTES = 64 * 1024;
 
-/** Test-only fault injection; never set by production configuration. */
+/** The errno an injected fault reports (a failing disk, a full file system). */
+export type InjectedErrno = 'EIO' | 'ENOSPC';
+
+/**
+ * Test-only fault injection; never set by production configuration (a node builds it only
+ * when fault injection is enabled: src/node/faults.ts).
+ */
 export interface ImageFaults {
-  /** Called before each write to the image; true makes that write fail with EIO. */
-  failImageWrites?: () => boolean;
+  /**
+   * Called before each write to the image (data, zeros, punched holes): true (EIO) or an
+   * errno name makes that write fail with it, before anything reaches the file.
+   */
+  failImageWrites?: () => boolean | InjectedErrno;
 }
 
 export interface ImageOpenOptions {
@@ -245,8 +254,10 @@ export class ImageFile {
   }
 
   private injectFault(operation: string, offset: number, length: number): void {
-    if (this.faults?.failImageWrites?.()) {
-      const cause = Object.assign(new Error('EIO: injected fault'), { code: 'EIO' });
+    const fault = this.faults?.failImageWrites?.();
+    if (fault) {
+      const code: InjectedErrno = fault === true ? 'EIO' : fault;
+      const cause = Object.assign(new Error(`${code}: injected fault`), { code });
       throw this.ioError(operation, offset, length, cause);
     }
   }

@@ -184,7 +184,7 @@ const STEPS_MAX = 600_000;
  * `lengthBytes` (a multiple of 4) of xorshift32 output from `seed` (never 0): random data at a
  * fraction of Prng.fill's cost, which dominated the run time.
  */
-function randomPayload(seed: number, lengthBytes: number): Buffer {
+export function randomPayload(seed: number, lengthBytes: number): Buffer {
   const payload = Buffer.alloc(lengthBytes);
   const words = new Uint32Array(payload.buffer, payload.byteOffset, lengthBytes / 4);
   let state = seed >>> 0 || 0x9e3779b9;

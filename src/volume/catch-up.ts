@@ -1,7 +1,9 @@
 // Catch-up of a returning replica (issue 5, docs/replication.md "Catch-up"): the driver that
 // runs on the replica while the coordinator's record lists it in `catchingUp`. By then every
 // writer mirrors each new write to it (and waits for it), so what it lacks is only what was
-// written before it joined. The driver walks the volume in chunks:
+// written before it joined. First a plan: the chunks the in-sync peers' dirty-region maps say
+// it may lack (src/volume/dirty-regions.ts), or every chunk when they cannot tell (the log
+// says why: a full comparison). The driver then walks the planned chunks:
 //   1. digests of a batch of chunks here and on an in-sync peer, side by side (no grant needed:
 //      a chunk equal now stays equal, because every later write reaches both; a chunk that
 //      differs lacks something written before the join, which the peer has and this replica
@@ -12,7 +14,9 @@
 //   3. when the walk is done: a FLUSH (every copy durable everywhere), then the caller moves
 //      this replica into the in-sync set by CAS.
 // Copies are throttled to a byte rate; a failed batch (peer gone, link down) is retried after a
-// pause, from the same offset (resumable). Progress (percent, bytes, rate, ETA) is in status().
+// pause, from the same offset. Each compared chunk is struck off the plan, which the volume
+// saves: a catch-up interrupted by a restart resumes with what was left, plus whatever was
+// written while it was away. Progress (percent, bytes, rate, ETA) is in status().
 import { createHash } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../util/log.js';
@@ -21,6 +25,8 @@ import type { Logger } from '../util/log.js';
 export const CATCH_UP_CHUNK_BYTES_MAX = 1024 * 1024;
 /** Chunks compared per digest request. */
 const CHUNKS_PER_BATCH = 16;
+/** Differing chunks copied at once. */
+const COPIES_IN_FLIGHT = 4;
 /** Pause before retrying a batch that failed. */
 const RETRY_DELAY_MS = 500;
 
@@ -32,9 +38,23 @@ export interface CatchUpPeerAccess {
   read(peer: string, offset: number, length: number): Promise<Buffer>;
 }
 
+/** The chunks to compare (in `chunkBytes` units of the volume), and whether that is all of them. */
+export interface CatchUpPlanResult {
+  chunkBytes: number;
+  /** Ascending chunk indexes. */
+  chunks: number[];
+  full: boolean;
+  /** Why everything is compared (empty otherwise). */
+  reason: string;
+}
+
 /** What the driver needs from its volume. */
 export interface CatchUpVolume {
   readonly sizeBytes: number;
+  /** What to compare (rejects while the peers cannot be asked: retried). */
+  plan(): Promise<CatchUpPlanResult>;
+  /** Chunk `chunk` of the plan was compared and, if it differed, copied. */
+  verified(chunk: number): void;
   /** This replica's digests of the same chunks. */
   localDigests(offset: number, length: number, chunkBytes: number): Promise<string[]>;
   /** Holding the chunk's write grant: fetch the peer's bytes and write them here (mirrored) unless equal. */
@@ -46,7 +66,12 @@ export interface CatchUpVolume {
 }
 
 export interface CatchUpProgress {
-  state: 'copying' | 'flushing' | 'done' | 'stopped';
+  state: 'planning' | 'copying' | 'flushing' | 'done' | 'stopped';
+  /** `dirty-regions`: only what the peers' maps name; `full`: the whole volume (see fullReason). */
+  mode: 'dirty-regions' | 'full' | null;
+  fullReason: string | null;
+  /** Bytes the plan names (the volume's size for a full comparison). */
+  bytesPlanned: number;
   bytesTotal: number;
   bytesCompared: number;
   bytesCopied: number;
@@ -55,8 +80,28 @@ export interface CatchUpProgress {
   rateBytesPerSec: number;
   etaSeconds: number | null;
   startedAtMs: number;
+  /** When everything was copied and flushed (null until then). */
+  finishedAtMs: number | null;
   retries: number;
   lastError: string | null;
+}
+
+/** Consecutive planned chunks as byte ranges of the volume (the last chunk may be short). */
+export function chunkRuns(plan: Pick<CatchUpPlanResult, 'chunkBytes' | 'chunks'>, sizeBytes: number): { offset: number; lengthBytes: number; firstChunk: number; lastChunk: number }[] {
+  const runs: { offset: number; lengthBytes: number; firstChunk: number; lastChunk: number }[] = [];
+  for (const chunk of plan.chunks) {
+    const offset = chunk * plan.chunkBytes;
+    if (offset >= sizeBytes) continue;
+    const end = Math.min(sizeBytes, offset + plan.chunkBytes);
+    const last = runs[runs.length - 1];
+    if (last && last.lastChunk === chunk - 1) {
+      last.lengthBytes = end - last.offset;
+      last.lastChunk = chunk;
+    } else {
+      runs.push({ offset, lengthBytes: end - offset, firstChunk: chunk, lastChunk: chunk });
+    }
+  }
+  return runs;
 }
 
 /** The digest both sides compute: SHA-256 of the chunk, first 16 bytes, hex. */
@@ -78,8 +123,9 @@ export class CatchUpDriver {
   private readonly chunkBytes: number;
   private readonly rateBytesPerSec: number;
   private stopped = false;
-  private offset = 0;
   private peerIndex = 0;
+  /** Bytes let through the throttle so far (copies in flight included). */
+  private bytesScheduled = 0;
   readonly progressValue: CatchUpProgress;
 
   constructor(volume: CatchUpVolume, access: CatchUpPeerAccess, options: { chunkBytes: number; rateBytesPerSec: number; logger: Logger }) {
@@ -89,8 +135,8 @@ export class CatchUpDriver {
     this.chunkBytes = options.chunkBytes;
     this.rateBytesPerSec = options.rateBytesPerSec;
     this.progressValue = {
-      state: 'copying', bytesTotal: volume.sizeBytes, bytesCompared: 0, bytesCopied: 0, chunksCopied: 0,
-      percent: 0, rateBytesPerSec: 0, etaSeconds: null, startedAtMs: Date.now(), retries: 0, lastError: null,
+      state: 'planning', mode: null, fullReason: null, bytesPlanned: 0, bytesTotal: volume.sizeBytes, bytesCompared: 0, bytesCopied: 0, chunksCopied: 0,
+      percent: 0, rateBytesPerSec: 0, etaSeconds: null, startedAtMs: Date.now(), finishedAtMs: null, retries: 0, lastError: null,
     };
   }
 
@@ -106,65 +152,133 @@ export class CatchUpDriver {
 
   /** Runs the walk to its end; resolves true when everything was compared, copied and flushed. */
   async run(): Promise<boolean> {
-    const { sizeBytes } = this.volume;
+    const plan = await this.makePlan();
+    if (!plan) return false;
+    const progress = this.progressValue;
+    const runs = chunkRuns(plan, this.volume.sizeBytes);
+    progress.state = 'copying';
+    progress.mode = plan.full ? 'full' : 'dirty-regions';
+    progress.fullReason = plan.full ? plan.reason : null;
+    progress.bytesPlanned = runs.reduce((sum, run) => sum + run.lengthBytes, 0);
+    progress.bytesTotal = progress.bytesPlanned;
+    if (plan.full) this.logger.warn('catch-up compares the whole volume', { reason: plan.reason, sizeBytes: this.volume.sizeBytes });
+    this.logger.info('catch-up started', {
+      mode: progress.mode,
+      bytesPlanned: progress.bytesPlanned,
+      chunks: plan.chunks.length,
+      chunkBytes: this.chunkBytes,
+      rateBytesPerSec: this.rateBytesPerSec || 'unlimited',
+    });
     const batchBytes = this.chunkBytes * CHUNKS_PER_BATCH;
-    this.logger.info('catch-up started', { sizeBytes, chunkBytes: this.chunkBytes, rateBytesPerSec: this.rateBytesPerSec || 'unlimited' });
-    while (this.offset < sizeBytes) {
-      if (this.stopped) return false;
-      const length = Math.min(batchBytes, sizeBytes - this.offset);
-      try {
-        await this.batch(this.offset, length);
-        this.offset += length;
-        this.progressValue.bytesCompared = this.offset;
-        this.updateRate();
-      } catch (error) {
+    let compared = 0;
+    for (const run of runs) {
+      let offset = run.offset;
+      let nextChunk = run.firstChunk;
+      const end = run.offset + run.lengthBytes;
+      while (offset < end) {
         if (this.stopped) return false;
-        this.progressValue.retries++;
-        this.progressValue.lastError = error instanceof Error ? error.message : String(error);
-        this.peerIndex++;
-        this.logger.warn('catch-up batch failed; retrying', { offset: this.offset, error: this.progressValue.lastError });
-        await sleep(RETRY_DELAY_MS, undefined, { ref: false });
+        const length = Math.min(batchBytes, end - offset);
+        try {
+          await this.batch(offset, length, plan.chunkBytes);
+          offset += length;
+          compared += length;
+          progress.bytesCompared = compared;
+          // Chunks wholly compared are struck off the plan.
+          while (nextChunk <= run.lastChunk && Math.min(this.volume.sizeBytes, (nextChunk + 1) * plan.chunkBytes) <= offset) this.volume.verified(nextChunk++);
+          this.updateRate();
+        } catch (error) {
+          if (this.stopped) return false;
+          this.noteRetry(error, offset);
+          await sleep(RETRY_DELAY_MS, undefined, { ref: false });
+        }
       }
     }
-    this.progressValue.state = 'flushing';
+    progress.state = 'flushing';
     await this.volume.flush();
     if (this.stopped) return false;
-    this.progressValue.state = 'done';
-    this.progressValue.percent = 100;
-    this.progressValue.etaSeconds = 0;
+    progress.state = 'done';
+    progress.finishedAtMs = Date.now();
+    progress.percent = 100;
+    progress.etaSeconds = 0;
     this.logger.info('catch-up copied everything', {
-      bytesCompared: this.progressValue.bytesCompared,
-      bytesCopied: this.progressValue.bytesCopied,
-      seconds: Math.round((Date.now() - this.progressValue.startedAtMs) / 100) / 10,
+      mode: progress.mode,
+      bytesCompared: progress.bytesCompared,
+      bytesCopied: progress.bytesCopied,
+      seconds: Math.round((Date.now() - progress.startedAtMs) / 100) / 10,
     });
     return true;
   }
 
-  private async batch(offset: number, length: number): Promise<void> {
+  /** Asks the volume for the plan until it has one (peers may be briefly unreachable); undefined: stopped. */
+  private async makePlan(): Promise<CatchUpPlanResult | undefined> {
+    for (;;) {
+      if (this.stopped) return undefined;
+      try {
+        const plan = await this.volume.plan();
+        return this.stopped ? undefined : plan;
+      } catch (error) {
+        if (this.stopped) return undefined;
+        this.noteRetry(error, 0);
+        await sleep(RETRY_DELAY_MS, undefined, { ref: false });
+      }
+    }
+  }
+
+  private noteRetry(error: unknown, offset: number): void {
+    this.progressValue.retries++;
+    this.progressValue.lastError = error instanceof Error ? error.message : String(error);
+    this.peerIndex++;
+    this.logger.warn(`catch-up ${this.progressValue.state === 'planning' ? 'planning' : 'batch'} failed; retrying`, { offset, error: this.progressValue.lastError });
+  }
+
+  /** Compares (and copies what differs of) [offset, offset+length); plan chunks done are struck off as they finish. */
+  private async batch(offset: number, length: number, planChunkBytes: number): Promise<void> {
+    // Struck off one by one when compare and plan chunks coincide (the usual case); otherwise
+    // run() strikes plan chunks off once a batch passes their end.
+    const done = (start: number): void => {
+      if (planChunkBytes === this.chunkBytes) this.volume.verified(start / planChunkBytes);
+    };
     const peers = this.volume.sourcesOfTruth();
     if (peers.length === 0) throw new Error('no in-sync peer to copy from');
     const peer = peers[this.peerIndex % peers.length]!;
     const [remote, local] = await Promise.all([this.access.digests(peer, offset, length, this.chunkBytes), this.volume.localDigests(offset, length, this.chunkBytes)]);
     if (remote.length !== local.length) throw new Error(`peer ${peer} sent ${remote.length} digests for ${local.length} chunks`);
+    const differing: number[] = [];
     for (let index = 0; index < local.length; index++) {
-      if (remote[index] === local[index]) continue;
-      if (this.stopped) return;
-      const start = offset + index * this.chunkBytes;
-      const chunkLength = Math.min(this.chunkBytes, offset + length - start);
-      await this.throttle(chunkLength);
-      const result = await this.volume.copyUnderGrant(start, chunkLength, () => this.access.read(peer, start, chunkLength));
-      if (result === 'copied') {
-        this.progressValue.bytesCopied += chunkLength;
-        this.progressValue.chunksCopied++;
-      }
+      if (remote[index] !== local[index]) differing.push(index);
+      else done(offset + index * this.chunkBytes);
     }
+    // A few copies at once: each is a grant round trip, a read from the peer and a mirrored
+    // write, so one at a time leaves the disks and the link mostly idle.
+    let next = 0;
+    let failure: unknown;
+    const copyNext = async (): Promise<void> => {
+      while (next < differing.length && failure === undefined && !this.stopped) {
+        const start = offset + differing[next++]! * this.chunkBytes;
+        const chunkLength = Math.min(this.chunkBytes, offset + length - start);
+        try {
+          await this.throttle(chunkLength);
+          const result = await this.volume.copyUnderGrant(start, chunkLength, () => this.access.read(peer, start, chunkLength));
+          if (result === 'copied') {
+            this.progressValue.bytesCopied += chunkLength;
+            this.progressValue.chunksCopied++;
+          }
+          done(start);
+        } catch (error) {
+          failure ??= error;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(COPIES_IN_FLIGHT, differing.length) }, copyNext));
+    if (failure !== undefined) throw failure;
   }
 
   /** Keeps copied bytes at or under the configured rate (0: unlimited). */
   private async throttle(nextBytes: number): Promise<void> {
     if (this.rateBytesPerSec <= 0) return;
+    this.bytesScheduled += nextBytes;
     const elapsedMs = Date.now() - this.progressValue.startedAtMs;
-    const allowedMs = ((this.progressValue.bytesCopied + nextBytes) / this.rateBytesPerSec) * 1000;
+    const allowedMs = (this.bytesScheduled / this.rateBytesPerSec) * 1000;
     if (allowedMs > elapsedMs) await sleep(allowedMs - elapsedMs, undefined, { ref: false });
   }
 

@@ -145,6 +145,16 @@ export interface ReplicaStoreOptions {
   directWriteMinBytes?: number;
   /** Test-only fault injection on the image; never set by production configuration. */
   faults?: ImageFaults;
+  /**
+   * Every entry replayed at open (`own`: from this node's WAL): what a crash may have lost
+   * from memory is re-derived from it (the dirty-region tracker, src/volume/dirty-regions.ts).
+   */
+  onReplayedEntry?: (own: boolean, offset: number, lengthBytes: number, sequence: number) => void;
+  /**
+   * Runs at every checkpoint after the checkpoint record is durable and before log segments are
+   * dropped: state derived from the entries about to go must be persisted by then.
+   */
+  beforeLogTruncation?: () => Promise<void>;
 }
 
 /** One entry of a source's stream, as the mirror engine's target hands it over. */
@@ -355,6 +365,7 @@ export class ReplicaStore {
   private checkpointCount = 0;
   private failure: MirrorsanError | undefined;
   private closed = false;
+  private readonly beforeLogTruncation: (() => Promise<void>) | undefined;
 
   private constructor(init: {
     options: ReplicaStoreOptions;
@@ -387,12 +398,18 @@ export class ReplicaStore {
     this.ownSequence = init.ownSequence;
     this.ownAppendedSequence = init.ownSequence;
     this.recovery = init.recovery;
+    this.beforeLogTruncation = options.beforeLogTruncation;
     this.imageSync = new CoalescedRun(async () => {
       const covered = this.directApplied;
       await this.image.datasync();
       this.imageSyncCount++;
       this.directSynced = Math.max(this.directSynced, covered);
     });
+  }
+
+  /** Whether `dir` holds a store (its checkpoint record, written last at creation). */
+  static exists(dir: string): Promise<boolean> {
+    return fileExists(storeFiles(dir).checkpoint);
   }
 
   /** Creates the store in `dir` if it does not exist, else opens it and replays every log. */
@@ -441,7 +458,7 @@ export class ReplicaStore {
         logs.push({ name: id, wal, fromSequence: record.sources[id] ?? 0 });
       }
       const applier = new Applier(image, map, record.blockSizeBytes);
-      const merged = await mergeReplay(logs, record.stamp, options.sizeBytes, record.blockSizeBytes, applier);
+      const merged = await mergeReplay(logs, record.stamp, options.sizeBytes, record.blockSizeBytes, applier, options.onReplayedEntry);
       const sources: SourceState[] = [];
       const recovered = new Map<string, SourceRecovered>();
       for (let index = 1; index < logs.length; index++) {
@@ -986,6 +1003,13 @@ export class ReplicaStore {
     }
     this.checkpointStamp = stamp;
     this.checkpointCount++;
+    if (this.beforeLogTruncation) {
+      try {
+        await this.beforeLogTruncation();
+      } catch (error) {
+        throw this.noteFailure(error);
+      }
+    }
     let dropped = await this.ownWal.dropSegmentsUpTo(ownSequence);
     for (const [id, sequence] of perSource) {
       const source = this.sources.get(id)!;
@@ -1106,6 +1130,7 @@ async function mergeReplay(
   sizeBytes: number,
   blockSizeBytes: number,
   applier: Applier,
+  onReplayedEntry?: (own: boolean, offset: number, lengthBytes: number, sequence: number) => void,
 ): Promise<{ results: ReplayResult[]; lastStamp: number; replayedEntries: number }> {
   const cursors: MergeCursor[] = logs.map((log) => ({ name: log.name, head: undefined, done: false, lastStamp: checkpointStamp, result: undefined }));
   let failure: unknown;
@@ -1189,6 +1214,7 @@ async function mergeReplay(
     lastStamp = head.stamp;
     replayedEntries++;
     const { entry, payload, stamp } = head;
+    onReplayedEntry?.(next === cursors[0], entry.offset, entry.lengthBytes, entry.sequence);
     const bs = blockSizeBytes;
     const lease = locks.acquire(Math.floor(entry.offset / bs) * bs, Math.ceil((entry.offset + entry.lengthBytes) / bs) * bs);
     const run = async (): Promise<void> => {

@@ -374,10 +374,13 @@ test('[catch-up] a member that missed writes joins as catching up, copies what d
     const deadline = Date.now() + 10_000;
     while (caughtUpAt === undefined && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
     assert.equal(caughtUpAt, 3, 'n3 reported caught up in epoch 3');
-    const progress = (v('n3').status() as { catchUp: { state: string; bytesCopied: number; bytesCompared: number; percent: number } }).catchUp;
+    const progress = (v('n3').status() as { catchUp: { state: string; mode: string; bytesPlanned: number; bytesCopied: number; bytesCompared: number; percent: number } }).catchUp;
     assert.equal(progress.state, 'done');
     assert.equal(progress.percent, 100);
-    assert.equal(progress.bytesCompared, SIZE_BYTES);
+    // Only the 20 regions written while n3 was away are compared (the peers' dirty-region maps).
+    assert.equal(progress.mode, 'dirty-regions');
+    assert.equal(progress.bytesPlanned, 20 * 65536);
+    assert.equal(progress.bytesCompared, 20 * 65536);
     assert.ok(progress.bytesCopied > 0 && progress.bytesCopied < SIZE_BYTES / 2, `copied only what differed: ${progress.bytesCopied} bytes`);
     everyone({ epoch: 4, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' });
     assert.equal(v('n3').replicaState, 'in-sync');
@@ -394,6 +397,105 @@ test('[catch-up] a member that missed writes joins as catching up, copies what d
     assert.deepEqual(await readBytes(reopened.volumes.get('n3')!, 0, SIZE_BYTES), first, 'n3 equals n1 after reopening');
   } finally {
     await reopened.close();
+  }
+});
+
+test('[catch-up, full] when the in-sync peers cannot tell what a returning member lacks, it compares the whole volume, says why, and rejoins identical', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  let caughtUpAt: number | undefined;
+  const loop = await openCluster(root, 64 * 1024, 'sync', () => ({ caughtUp: async (epoch: number) => void (caughtUpAt = epoch) }));
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(65536, 1), { fua: false }), 5000, 'first write');
+    loop.sever('n1', 'n3');
+    loop.sever('n2', 'n3');
+    for (const id of NODES) v(id).changeMembership({ epoch: 2, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1' });
+    for (let i = 0; i < 6; i++) await withTimeout(v('n2').write(i * 5 * 65536, Buffer.alloc(4096, 20 + i), { fua: false }), 5000, `missed write ${i}`);
+    loop.heal('n1', 'n3');
+    loop.heal('n2', 'n3');
+    // n1 and n2 hear of epoch 4 without epoch 3 (a watch that skipped a revision): their
+    // membership is broken as far as they can prove, so neither vouches for its marks.
+    for (const id of NODES) v(id).changeMembership({ epoch: 4, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1', catchingUp: ['n3'] });
+    const deadline = Date.now() + 10_000;
+    while (caughtUpAt === undefined && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(caughtUpAt, 4);
+    const progress = (v('n3').status() as { catchUp: { mode: string; fullReason: string; bytesCompared: number } }).catchUp;
+    assert.equal(progress.mode, 'full');
+    assert.match(progress.fullReason, /n1 was not a member when n3 left \(member since epoch 4/);
+    assert.equal(progress.bytesCompared, SIZE_BYTES);
+    for (const id of NODES) v(id).changeMembership({ epoch: 5, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' });
+    const reference = await readBytes(v('n1'), 0, SIZE_BYTES);
+    assert.deepEqual(await readBytes(v('n3'), 0, SIZE_BYTES), reference, 'n3 equals n1');
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[catch-up, resume] a catch-up interrupted by a restart resumes with what was left plus what was written meanwhile', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  let caughtUpAt: number | undefined;
+  // n3 copies slowly (8 chunks a second), so the restart lands in the middle.
+  const hooks = (): ReplicatedVolumeOptions['catchUp'] => ({ caughtUp: async (epoch: number) => void (caughtUpAt = epoch), rateBytesPerSec: 8 * 65536 });
+  const loop = await openCluster(root, 64 * 1024, 'sync', () => hooks());
+  const v = (id: string) => loop.volumes.get(id)!;
+  const everyone = (membership: ReplicaMembership) => {
+    for (const volume of loop.volumes.values()) volume.changeMembership(membership);
+  };
+  type Progress = { catchUp: { state: string; mode: string; bytesPlanned: number; bytesCopied: number } | null; dirtyRegions: { planRemainingChunks: number | null } };
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(4096, 1), { fua: false }), 5000, 'first write');
+    loop.sever('n1', 'n3');
+    loop.sever('n2', 'n3');
+    everyone({ epoch: 2, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1' });
+    for (let chunk = 0; chunk < 24; chunk++) await withTimeout(v('n1').write(chunk * 65536, Buffer.alloc(4096, 30 + chunk), { fua: false }), 5000, `missed write ${chunk}`);
+    loop.heal('n1', 'n3');
+    loop.heal('n2', 'n3');
+    everyone({ epoch: 3, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1', catchingUp: ['n3'] });
+    const deadline = Date.now() + 10_000;
+    while (((v('n3').status() as Progress).catchUp?.bytesCopied ?? 0) < 6 * 65536) {
+      assert.ok(Date.now() < deadline, 'n3 copied nothing');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    assert.equal((v('n3').status() as Progress).catchUp?.bytesPlanned, 24 * 65536);
+    // n3 restarts; meanwhile it is out again (epoch 4) and misses 2 more chunks, one of them already copied.
+    const stopped = v('n3');
+    const copiedBefore = (stopped.status() as Progress).catchUp!.bytesCopied;
+    loop.volumes.delete('n3');
+    await stopped.close();
+    everyone({ epoch: 4, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1' });
+    await withTimeout(v('n2').write(0, Buffer.alloc(4096, 0x77), { fua: false }), 5000, 'write while n3 restarts');
+    await withTimeout(v('n2').write(40 * 65536, Buffer.alloc(4096, 0x78), { fua: false }), 5000, 'write while n3 restarts');
+    const reopened = await ReplicatedVolume.open({
+      name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n3'), self: 'n3',
+      membership: { epoch: 5, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1', catchingUp: ['n3'] },
+      transport: loop.transport('n3'), logger: createLogger({ level: 'error' }), sourceLimits: { checkpointIntervalMs: 200 }, regionSizeBytes: 64 * 1024,
+      catchUp: { caughtUp: async (epoch: number) => void (caughtUpAt = epoch) },
+    });
+    loop.volumes.set('n3', reopened);
+    for (const id of ['n1', 'n2']) v(id).changeMembership({ epoch: 5, replicas: [...NODES], inSync: ['n1', 'n2'], arbiter: 'n1', catchingUp: ['n3'] });
+    for (const peer of ['n1', 'n2']) {
+      loop.up('n3', peer);
+      loop.up(peer, 'n3');
+    }
+    while (caughtUpAt !== 5) {
+      assert.ok(Date.now() < deadline + 10_000, 'n3 did not finish its resumed catch-up');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const resumed = (reopened.status() as Progress).catchUp!;
+    assert.equal(resumed.mode, 'dirty-regions');
+    // Compared and copied: only what was left of the 24 (copies in flight at the stop may be
+    // compared again), plus chunks 0 and 40, written while it was away the second time.
+    const left = 24 * 65536 - copiedBefore;
+    assert.ok(resumed.bytesPlanned <= left + 6 * 65536 && resumed.bytesPlanned >= left, `resumed plan of ${resumed.bytesPlanned / 65536} chunks, ${left / 65536} left`);
+    assert.ok(resumed.bytesCopied <= left + 2 * 65536 && resumed.bytesCopied >= 2 * 65536, `copied ${resumed.bytesCopied / 65536} chunks after copying ${copiedBefore / 65536} before the restart`);
+    everyone({ epoch: 6, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' });
+    assert.equal((reopened.status() as Progress).dirtyRegions.planRemainingChunks, null, 'the plan is gone once in sync');
+    const reference = await readBytes(v('n1'), 0, SIZE_BYTES);
+    assert.deepEqual(await readBytes(reopened, 0, SIZE_BYTES), reference, 'n3 equals n1');
+  } finally {
+    await loop.close();
   }
 });
 
@@ -486,6 +588,10 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
       assert.ok(Date.now() < deadline, `n1 did not catch up: ${restarted.replicaState}`);
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
+    // Only its own unacknowledged writes (replayed from its log: region 0) were compared.
+    const progress = (restarted.status() as { catchUp: { mode: string; bytesPlanned: number } }).catchUp;
+    assert.equal(progress.mode, 'dirty-regions');
+    assert.equal(progress.bytesPlanned, 65536);
     for (const id of NODES) assert.equal((await readBytes(v(id), 0, 65536)).every((byte) => byte === 1), true, `${id} has the acknowledged write, not the lost one`);
     await withTimeout(v('n1').write(4096, Buffer.alloc(4096, 7), { fua: true }), 5000, 'n1 writes again');
     for (const id of ['n2', 'n3']) assert.equal((await readBytes(v(id), 4096, 1))[0], 7);

@@ -48,9 +48,16 @@ import { WRITE_PAYLOAD_MAX_BYTES, type GrantMessage, type RegionRequestMessage, 
 import { ReplicationSource, type OperationResult, type ReplicationMode, type SourceEffect, type SourceLimits } from '../replication/engine/source.js';
 import { ReplicationTarget, type TargetEffect } from '../replication/engine/target.js';
 import type { PeerMessage } from '../replication/peer-link.js';
+import type { ImageFaults } from '../store/image.js';
 import type { Logger } from '../util/log.js';
 import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from './device.js';
-import { CATCH_UP_CHUNK_BYTES_MAX, CatchUpDriver, digestChunks, type CatchUpPeerAccess, type CatchUpProgress } from './catch-up.js';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { writeFileDurable } from '../store/file-io.js';
+import { CoalescedRun } from '../util/coalesced-run.js';
+import { CATCH_UP_CHUNK_BYTES_MAX, CatchUpDriver, digestChunks, type CatchUpPeerAccess, type CatchUpPlanResult, type CatchUpProgress } from './catch-up.js';
+import { DirtyRegionTracker, decodeDirtyAnswer, dirtyChunkBytes, encodeDirtyAnswer, type DirtyAnswer } from './dirty-regions.js';
 import { ReplicaStore } from './replica-store.js';
 
 /** Largest READ/WRITE payload: what one WRITE frame carries. */
@@ -86,6 +93,77 @@ const REGION_REQUEST_TIMEOUT_MS = 5000;
 const REGION_REQUESTS_MAX = 64;
 /** A chunk digest on the wire: catchUpDigest's 32 hex digits as 16 bytes. */
 const DIGEST_WIRE_BYTES = 16;
+/** Frames a volume whose disk failed no longer takes: peers' streams and the grant protocol. */
+const DISKLESS_DROPPED_FRAMES: ReadonlySet<PeerMessage['type']> = new Set(['WRITE', 'SYNC', 'CHECKPOINT', 'GRANT_REQUEST', 'GRANT', 'REVOKE', 'RELEASE']);
+/** The dirty-region tracker's file in the volume's directory (src/volume/dirty-regions.ts). */
+const DIRTY_REGIONS_FILE = 'dirty-regions.bin';
+/** Policing messages of a newer epoch kept until this node adopts it (the oldest go first beyond: their senders resend). */
+const FUTURE_POLICING_MAX = 1024;
+/** A dirty-region question from an epoch this node has not reached yet waits this long for it. */
+const DIRTY_ANSWER_EPOCH_WAIT_MS = 2000;
+/** A catch-up's plan (what is left to compare) is saved at most this often while it runs. */
+const PLAN_SAVE_INTERVAL_MS = 1000;
+
+/** Write-priority granularity: the spec's region size, or one power-of-two region over the whole volume. */
+function effectiveRegionSize(regionSizeBytes: number | undefined, sizeBytes: number): number {
+  const regionSize = regionSizeBytes ?? SINGLE_REGION;
+  if (regionSize !== SINGLE_REGION) validateRegionSize(regionSize);
+  return regionSize === SINGLE_REGION || regionSize >= sizeBytes ? 2 ** Math.ceil(Math.log2(Math.max(4096, sizeBytes))) : regionSize;
+}
+
+/**
+ * The volume's dirty-region tracker as persisted, or a fresh one: for a new store (nothing to
+ * know), or, when the file is missing or unreadable, one that knows it lost its history
+ * (said in the log: a catch-up of this replica, or of a replica that left meanwhile, then
+ * compares the whole volume).
+ */
+async function loadDirtyTracker(options: ReplicatedVolumeOptions, chunkBytes: number): Promise<DirtyRegionTracker> {
+  const file = path.join(options.dir, DIRTY_REGIONS_FILE);
+  const newStore = !(await ReplicaStore.exists(options.dir));
+  const fresh = (): DirtyRegionTracker => DirtyRegionTracker.fresh({ self: options.self, sizeBytes: options.sizeBytes, chunkBytes, newStore });
+  if (newStore) return fresh();
+  let data: Buffer;
+  try {
+    data = await fs.promises.readFile(file);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+    options.logger.warn('no dirty-region record for this volume: catch-ups that need it will compare the whole volume', { file });
+    return fresh();
+  }
+  try {
+    return DirtyRegionTracker.decode(data, { self: options.self, sizeBytes: options.sizeBytes, chunkBytes });
+  } catch (error) {
+    options.logger.error('dirty-region record unreadable: catch-ups that need it will compare the whole volume', { file, error: error instanceof Error ? error.message : String(error) });
+    return fresh();
+  }
+}
+
+/** Padding entries a re-attach may write: at most what was in flight or queued at the failure. */
+const OWN_LOG_PAD_MAX = 65_536;
+
+/**
+ * Re-attach after a disk failure (ReplicatedVolumeOptions.ownSequenceFloor): pads the own log
+ * to `floor` with entries that change nothing (each rewrites the first block with what it
+ * holds, or trims it if it is unallocated). The peers may hold the failed replica's entries up
+ * to `floor` that never reached this log; were their numbers reused, a peer would take the new
+ * entries for ones it has and drop them. What those lost entries wrote, the catch-up copies.
+ */
+async function padOwnLog(store: ReplicaStore, floor: number, logger: Logger): Promise<void> {
+  const from = store.stats().ownSequence;
+  if (floor <= from) return;
+  if (floor - from > OWN_LOG_PAD_MAX) {
+    throw new MirrorsanError('STORE_IO', `own log ends at ${from} but the failed replica reached ${floor}: more than ${OWN_LOG_PAD_MAX} entries to pad`);
+  }
+  const block = 4096;
+  const allocated = store.blockStatus(0, block).some((extent) => !extent.hole);
+  const bytes = allocated ? await store.read(0, block) : undefined;
+  for (let sequence = from + 1; sequence <= floor; sequence++) {
+    const logged = bytes ? await store.writeLocal(ENTRY_TYPE.WRITE, 0, block, bytes) : await store.writeLocal(ENTRY_TYPE.TRIM, 0, block);
+    assert(logged === sequence, `padding entry logged as ${logged}, not ${sequence}`);
+  }
+  await store.flushLocal(floor);
+  logger.warn('own log padded to the last sequence the failed replica sent: its peers may hold entries this log never got', { from, to: floor });
+}
 
 /** The coordinator's record for the volume, as this node opened it. */
 export interface ReplicaMembership {
@@ -164,6 +242,24 @@ export interface ReplicatedVolumeOptions {
    * undefined. Synchronous, so no request slips in between a lease's expiry and setFence.
    */
   servingCheck?: () => string | undefined;
+  /** Test-only injected store faults (src/node/faults.ts); never set by production configuration. */
+  faults?: ImageFaults;
+  /**
+   * Disk failure handling (diskless mode, src/volume/diskless-volume.ts), called once when the
+   * store fails. Without it a store failure fails every request with NBD_EIO. With it the volume
+   * detaches its disk instead: pending and later requests are refused with VOLUME_DISKLESS (none
+   * of them was acknowledged; the caller retries them through an in-sync peer), peers' stream and
+   * grant frames are no longer taken, and syncOwnStreamOnPeers() makes the writes this node
+   * acknowledged durable on its peers before the caller moves it out of the in-sync set.
+   */
+  onDiskFailure?: (failure: MirrorsanError) => void;
+  /**
+   * Re-attach after a disk failure: the last own sequence the failed replica assigned (its
+   * `lastOwnSequence`). Its frames left before its local writes, so peers may hold own entries
+   * up to there that this log never got; the log is padded to it (see padOwnLog) so that the
+   * source never gives those sequence numbers to other entries.
+   */
+  ownSequenceFloor?: number;
 }
 
 interface PendingOperation {
@@ -178,6 +274,8 @@ interface PendingOperation {
   write?: { entryType: WireEntryType; offset: number; lengthBytes: number; payload: Buffer; fua: boolean };
   /** A catch-up copy: once admitted (its grant held), fetch the peer's bytes, then write them. */
   copy?: { offset: number; lengthBytes: number; fetch: () => Promise<Buffer>; outcome?: 'same' | 'copied' };
+  /** A client write: the servingTerm it was submitted in (admitted only in the same one). */
+  servingTerm?: number;
 }
 
 /** A policing message produced while a RELEASE ahead of it waits for its durability sync. */
@@ -213,7 +311,15 @@ export class ReplicatedVolume implements BlockDevice {
   private lastCheckpointMs = 0;
   private checkpointedStamp = 0;
   private failure: MirrorsanError | undefined;
+  /** The store error that detached the disk (diskless mode: options.onDiskFailure). */
+  private diskFailure: MirrorsanError | undefined;
+  private readonly onDiskFailure: ((failure: MirrorsanError) => void) | undefined;
   private readonly catchUpAccess: ReplicatedVolumeOptions['catchUp'];
+  /** What each replica out of the stream may lack, and this node's own unacknowledged writes. */
+  private readonly dirty: DirtyRegionTracker;
+  private readonly dirtyFile: string;
+  private readonly dirtySave: CoalescedRun;
+  private lastPlanSaveMs = 0;
   /** Some own write was acknowledged since open: a stranded peer is then not our restart's doing. */
   private ownWriteCompletedSinceOpen = false;
   private leavingToCatchUp = false;
@@ -232,11 +338,21 @@ export class ReplicatedVolume implements BlockDevice {
   private fence: string | undefined;
   /** The node's fence (lease lost, no majority: setFence), kept across epoch changes. */
   private nodeFence: string | undefined;
+  /**
+   * Bumped whenever this node stops serving the volume (fenced, out of the in-sync set, leaving
+   * to catch up). A client write still waiting for its grant when the term moved on is refused
+   * at admission, never executed: while this node did not serve, the others may have removed it
+   * and moved on, and a client (mirrorsan attach) may have replayed the write on another node
+   * and written newer data over it there (docs/replication.md, "Client failover and fencing").
+   */
+  private servingTerm = 0;
   private readonly strict: boolean;
   private readonly servingCheck: (() => string | undefined) | undefined;
   private closed = false;
   /** Policing messages waiting behind a RELEASE for its durability sync (see the header). */
   private readonly heldPolicing: HeldPolicingMessage[] = [];
+  /** Policing messages of an epoch newer than this node's, until it adopts that epoch. */
+  private futurePolicing: { peer: string; message: PolicingMessage }[] = [];
   /** RELEASEs in heldPolicing[0..releaseSyncCovers) go once the running sync completes. */
   private releaseSyncCovers = 0;
   private releaseSyncRunning = false;
@@ -250,7 +366,7 @@ export class ReplicatedVolume implements BlockDevice {
   private readonly mode: ReplicationMode;
   private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0, releaseSyncs: 0, epochChanges: 0 };
 
-  private constructor(options: ReplicatedVolumeOptions, store: ReplicaStore, targets: Map<string, ReplicationTarget>) {
+  private constructor(options: ReplicatedVolumeOptions, store: ReplicaStore, targets: Map<string, ReplicationTarget>, dirty: DirtyRegionTracker) {
     const { membership } = options;
     this.name = options.name;
     this.description = options.description ?? `mirrorsan replicated volume ${options.name}`;
@@ -258,10 +374,11 @@ export class ReplicatedVolume implements BlockDevice {
     this.sizeBytes = options.sizeBytes;
     this.membership = { ...membership, replicas: [...membership.replicas], inSync: [...membership.inSync] };
     this.arbiterNode = arbiterOf(membership);
-    const regionSize = options.regionSizeBytes ?? SINGLE_REGION;
-    if (regionSize !== SINGLE_REGION) validateRegionSize(regionSize);
     // Single-writer mode: one region as large as the volume, rounded up to a power of two.
-    this.regionSizeBytes = regionSize === SINGLE_REGION || regionSize >= options.sizeBytes ? 2 ** Math.ceil(Math.log2(Math.max(4096, options.sizeBytes))) : regionSize;
+    this.regionSizeBytes = effectiveRegionSize(options.regionSizeBytes, options.sizeBytes);
+    this.dirty = dirty;
+    this.dirtyFile = path.join(options.dir, DIRTY_REGIONS_FILE);
+    this.dirtySave = new CoalescedRun(() => this.saveDirty());
     this.regionCount = regionCount(options.sizeBytes, this.regionSizeBytes);
     this.peers = membership.replicas.filter((node) => node !== options.self);
     this.store = store;
@@ -273,12 +390,14 @@ export class ReplicatedVolume implements BlockDevice {
     this.strict = options.strict === true;
     this.catchUpAccess = options.catchUp;
     this.servingCheck = options.servingCheck;
+    this.onDiskFailure = options.onDiskFailure;
     this.checkpointedStamp = store.recovery.lastStamp;
     this.source = new ReplicationSource({
       volume: options.name,
       self: options.self,
       mode: options.mode ?? 'sync',
-      lastSequence: store.recovery.ownSequence,
+      // The log's last own entry (after a re-attach's padding: see padOwnLog).
+      lastSequence: store.stats().ownSequence,
       ...(options.sourceLimits ? { limits: options.sourceLimits } : {}),
     });
     this.holder = new Holder({
@@ -297,7 +416,9 @@ export class ReplicatedVolume implements BlockDevice {
     // and after each epoch change).
     this.arbiter = this.arbiterNode === options.self ? this.newArbiter(membership) : undefined;
     if (!membership.inSync.includes(options.self)) this.fence = `${options.self} is not in the in-sync set of epoch ${membership.epoch}`;
+    this.dirty.adopt(membership.epoch, membership.inSync, membership.catchingUp ?? [], membership.replicas, [], this.source.lastSequence);
     this.runSource(this.source.setMembership(membership.epoch, membership.inSync, membership.catchingUp ?? []));
+    this.persistDirtySoon();
     this.adoptCatchUpState(undefined);
   }
 
@@ -319,15 +440,30 @@ export class ReplicatedVolume implements BlockDevice {
     assert(membership.replicas.includes(options.self), `volume ${options.name}: ${options.self} is not one of its replicas`);
     assert(membership.inSync.length > 0 && membership.inSync.every((node) => membership.replicas.includes(node)), `volume ${options.name}: inSync must be a non-empty subset of replicas`);
     assert(options.sizeBytes % 4096 === 0, `volume ${options.name}: size must be a multiple of 4096`);
-    const store = await ReplicaStore.open({ dir: options.dir, sizeBytes: options.sizeBytes, logger: options.logger.child('store') });
+    const compareChunkBytes = Math.min(effectiveRegionSize(options.regionSizeBytes, options.sizeBytes), CATCH_UP_CHUNK_BYTES_MAX);
+    await fs.promises.mkdir(options.dir, { recursive: true });
+    const dirty = await loadDirtyTracker(options, dirtyChunkBytes(options.sizeBytes, compareChunkBytes));
+    // Bound once the volume exists: a checkpoint persists the tracker before its logs go.
+    let beforeLogTruncation = (): Promise<void> => Promise.resolve();
+    const store = await ReplicaStore.open({
+      dir: options.dir,
+      sizeBytes: options.sizeBytes,
+      logger: options.logger.child('store'),
+      onReplayedEntry: (own, offset, lengthBytes, sequence) => dirty.noteReplayed(offset, lengthBytes, own, sequence),
+      beforeLogTruncation: () => beforeLogTruncation(),
+      ...(options.faults ? { faults: options.faults } : {}),
+    });
     try {
+      if (options.ownSequenceFloor !== undefined) await padOwnLog(store, options.ownSequenceFloor, options.logger);
       const targets = new Map<string, ReplicationTarget>();
       for (const peer of membership.replicas) {
         if (peer === options.self) continue;
         const recovered = await store.addSource(peer);
         targets.set(peer, new ReplicationTarget({ volume: options.name, self: options.self, source: peer, epoch: membership.epoch }, recovered));
       }
-      return new ReplicatedVolume(options, store, targets);
+      const volume = new ReplicatedVolume(options, store, targets, dirty);
+      beforeLogTruncation = () => volume.dirtySave.run();
+      return volume;
     } catch (error) {
       await store.close({ checkpoint: false }).catch(() => undefined);
       throw error;
@@ -363,6 +499,10 @@ export class ReplicatedVolume implements BlockDevice {
     this.counters.epochChanges++;
     this.logger.info('epoch changed', { epoch: next.epoch, inSync: this.membership.inSync.join(','), arbiter: this.arbiterNode, previousEpoch: previous.epoch });
     this.fence = this.membership.inSync.includes(this.self) ? this.nodeFence : `${this.self} is not in the in-sync set of epoch ${next.epoch}`;
+    if (this.fence !== undefined) this.servingTerm++;
+    // Before the source drops members that left: its resend window is what they may lack of ours.
+    this.dirty.adopt(next.epoch, this.membership.inSync, this.membership.catchingUp ?? [], this.membership.replicas, this.source.retainedExtents(), this.source.lastSequence);
+    this.persistDirtySoon();
     this.runSource(this.source.setMembership(next.epoch, this.membership.inSync, this.membership.catchingUp ?? []));
     if (!this.membership.inSync.includes(this.self)) this.leavingToCatchUp = false; // out: the in-sync fence holds
     this.adoptCatchUpState(previous);
@@ -380,6 +520,9 @@ export class ReplicatedVolume implements BlockDevice {
       this.arbiter = undefined;
     }
     this.runHolder(this.holder.changeEpoch(next.epoch, this.arbiterNode));
+    const arrived = this.futurePolicing.filter((held) => held.message.epoch <= next.epoch);
+    this.futurePolicing = this.futurePolicing.filter((held) => held.message.epoch > next.epoch);
+    for (const held of arrived) this.receivePolicing(held.peer, held.message);
   }
 
   /**
@@ -393,6 +536,7 @@ export class ReplicatedVolume implements BlockDevice {
     const next = this.membership.inSync.includes(this.self) ? reason : this.fence;
     if (next === this.fence) return;
     this.fence = next;
+    if (next) this.servingTerm++;
     if (next) this.logger.warn('volume fenced: refusing I/O on this node', { reason: next });
     else this.logger.info('volume unfenced: serving I/O again');
   }
@@ -428,6 +572,11 @@ export class ReplicatedVolume implements BlockDevice {
     try {
       return [{ offset, kind: 'data', data: await this.store.read(offset, length) }];
     } catch (error) {
+      // A read error is a disk failure too: in diskless mode the read goes to a peer instead.
+      if (this.onDiskFailure && !this.closed) {
+        this.fail(error, `read at ${offset}`);
+        throw this.failure ?? this.asIoError(error);
+      }
       throw this.asIoError(error);
     }
   }
@@ -476,6 +625,12 @@ export class ReplicatedVolume implements BlockDevice {
   /** A frame from `peer` for this volume (any connection; routed by type). */
   receive(peer: string, message: PeerMessage): void {
     if (this.closed || !this.hasPeer(peer)) return;
+    if (this.diskFailure && DISKLESS_DROPPED_FRAMES.has(message.type)) {
+      // Diskless: nothing is stored here any more, so nothing is acknowledged (a writer waits
+      // for this node until the record no longer lists it), and no grant is taken or given. The
+      // answers to this node's own stream still count: syncOwnStreamOnPeers waits for them.
+      return;
+    }
     switch (message.type) {
       case 'WRITE':
       case 'SYNC':
@@ -559,6 +714,9 @@ export class ReplicatedVolume implements BlockDevice {
     const now = Math.floor(nowMs);
     this.runSource(this.source.tick(now));
     this.checkStreamPositions(now);
+    // Diskless: only this node's stream still matters (its SYNC on the peers); grants and
+    // checkpoints need the disk.
+    if (this.diskFailure) return;
     this.runHolder(this.holder.tick(now));
     if (this.arbiter) this.runArbiter(this.arbiter.tick(now));
     if (this.checkpointIntervalMs > 0 && now - this.lastCheckpointMs >= this.checkpointIntervalMs) {
@@ -626,6 +784,14 @@ export class ReplicatedVolume implements BlockDevice {
       replicaState: this.replicaState,
       catchingUp: [...(this.membership.catchingUp ?? [])],
       catchUp: this.catchUpDriver ? { ...this.catchUpDriver.progressValue } : null,
+      dirtyRegions: {
+        chunkBytes: this.dirty.chunkBytes,
+        memberSinceEpoch: this.dirty.memberSince ?? null,
+        // Per replica out of the stream (or catching up): chunks it may lack, by this node's marks.
+        tracked: Object.fromEntries(this.dirty.trackedReplicas.map((replica) => [replica, this.dirty.markedChunks(replica)])),
+        ownUnacknowledgedChunks: this.dirty.selfMarkedChunks,
+        planRemainingChunks: this.dirty.plan?.remaining.size ?? null,
+      },
       failure: this.failure ? { code: this.failure.code, message: this.failure.message } : null,
     };
   }
@@ -704,6 +870,7 @@ export class ReplicatedVolume implements BlockDevice {
     const operationId = this.nextOperationId++;
     const done = this.track(operationId, true);
     this.pending.get(operationId)!.write = { entryType, offset, lengthBytes, payload, fua };
+    this.pending.get(operationId)!.servingTerm = this.servingTerm;
     this.runHolder(this.holder.acquire(operationId, regionsOf(offset, lengthBytes, this.regionSizeBytes, WRITE_REGIONS_MAX)));
     return done;
   }
@@ -728,8 +895,16 @@ export class ReplicatedVolume implements BlockDevice {
       void this.copyAdmitted(operationId, operation.copy);
       return;
     }
+    // Diskless: a grant in flight (from this node's own arbiter) may admit a write refused when the disk failed.
+    if (operation === undefined && this.diskFailure) return;
     assert(operation?.write !== undefined, `admitted write ${operationId} is not pending`);
     operation.admitted = true;
+    const stale = this.staleAdmission(operation.servingTerm);
+    if (stale !== undefined) {
+      // Never executed: finish() hands its regions back to the holder.
+      this.finish(operationId, { ok: false, code: 'NBD_EIO', message: stale });
+      return;
+    }
     const { entryType, offset, lengthBytes, payload, fua } = operation.write;
     this.runSource(this.source.write({ operationId, entryType, offset, lengthBytes, payload, fua }));
   }
@@ -809,26 +984,45 @@ export class ReplicatedVolume implements BlockDevice {
       switch (effect.kind) {
         case 'appendLocal': {
           const { entry } = effect;
+          if (this.diskFailure) {
+            // Diskless: the local copy no longer counts (this replica catches up before it serves
+            // again). Counted as applied so that the source's in-flight limit and the FIFO
+            // behind it drain; the client operation was refused already.
+            this.runSource(this.source.localApplied(entry.sequence));
+            break;
+          }
           // Called synchronously, in effect order: the store's own sequence is the source's.
           const type = entry.entryType;
+          this.dirty.noteWrite(entry.offset, entry.lengthBytes, true);
           const applied = this.store.writeLocal(type, entry.offset, entry.lengthBytes, type === ENTRY_TYPE.WRITE ? entry.payload : undefined);
           applied.then(
             (sequence) => {
               assert(sequence === entry.sequence, `store sequence ${sequence} differs from the source's ${entry.sequence}`);
               if (!this.closed) this.runSource(this.source.localApplied(entry.sequence));
             },
-            (error: unknown) => this.fail(error, `local apply of entry ${entry.sequence}`),
+            (error: unknown) => {
+              this.fail(error, `local apply of entry ${entry.sequence}`);
+              if (this.diskFailure && !this.closed) this.runSource(this.source.localApplied(entry.sequence));
+            },
           );
           break;
         }
         case 'syncLocal':
+          if (this.diskFailure) {
+            // Diskless: durability is the peers' (syncOwnStreamOnPeers); the local log is gone.
+            this.runSource(this.source.localSynced(effect.throughSequence));
+            break;
+          }
           // Up to its sequence only: a later direct write still on its way to the image is
           // not waited for.
           this.store.flushLocal(effect.throughSequence).then(
             () => {
               if (!this.closed) this.runSource(this.source.localSynced(effect.throughSequence));
             },
-            (error: unknown) => this.fail(error, 'local log sync'),
+            (error: unknown) => {
+              this.fail(error, 'local log sync');
+              if (this.diskFailure && !this.closed) this.runSource(this.source.localSynced(effect.throughSequence));
+            },
           );
           break;
         case 'send':
@@ -870,6 +1064,7 @@ export class ReplicatedVolume implements BlockDevice {
         case 'apply': {
           const { entry } = effect;
           this.counters.remoteEntriesApplied++;
+          this.dirty.noteWrite(entry.offset, entry.lengthBytes, false);
           // Registered in the range lock now (arrival order); the ACK below goes out at once.
           this.store
             .applyRemote(peer, { sequence: entry.sequence, type: entry.entryType, offset: entry.offset, lengthBytes: entry.lengthBytes }, entry.entryType === ENTRY_TYPE.WRITE ? entry.payload : undefined)
@@ -923,6 +1118,14 @@ export class ReplicatedVolume implements BlockDevice {
   }
 
   private receivePolicing(peer: string, message: PolicingMessage): void {
+    // From an epoch this node has not adopted yet (the sender heard of it first, often by its
+    // own CAS): kept until the record's watch brings the epoch here, instead of being ignored
+    // and resent half a second later.
+    if (message.epoch > this.membership.epoch) {
+      if (this.futurePolicing.length >= FUTURE_POLICING_MAX) this.futurePolicing.shift();
+      this.futurePolicing.push({ peer, message });
+      return;
+    }
     if (policingRecipient(message, (epoch) => this.arbiter !== undefined && this.arbiter.epoch === epoch) === 'arbiter') {
       if (this.arbiter) this.runArbiter(this.arbiter.receive(peer, message));
       else this.logger.debug('policing message for an arbiter this node is not', { peer, type: message.type });
@@ -1047,15 +1250,22 @@ export class ReplicatedVolume implements BlockDevice {
     // Refuses I/O from now on (checkUsable); the in-sync fence takes over once the record
     // lists this replica as catching up.
     this.leavingToCatchUp = true;
+    this.servingTerm++;
     this.logger.warn('leaving the in-sync set to catch up', { reason });
+    // Planned before the CAS (the catch-up may start before leave() returns): only this node's
+    // own unacknowledged writes, and what peers mark from now on, need comparing.
+    this.dirty.planFromSelf(this.membership.epoch);
+    this.persistDirtySoon();
     leave(reason).then(
       (left) => {
         if (left) return;
         this.leavingToCatchUp = false;
+        this.dirty.dropPlan();
         this.logger.warn('could not leave the in-sync set to catch up; trying again on the next stranded stream', { reason });
       },
       (error: unknown) => {
         this.leavingToCatchUp = false;
+        this.dirty.dropPlan();
         this.logger.error('leaving the in-sync set failed', { error: error instanceof Error ? error.message : String(error) });
       },
     );
@@ -1078,6 +1288,58 @@ export class ReplicatedVolume implements BlockDevice {
         this.transport.resetOutbound(member, `no ACK positioning the stream for ${nowMs - since} ms`);
       }
     }
+  }
+
+  // ---- internals: dirty regions (src/volume/dirty-regions.ts) ------------------------------
+
+  /**
+   * Writes the tracker durably. Before that, the self marks are refreshed from the resend
+   * window; they shrink to it only while every member holds durably everything before it.
+   */
+  private async saveDirty(): Promise<void> {
+    const members = streamMembers(this.membership).filter((node) => node !== this.self);
+    const peersHaveAll =
+      this.membership.inSync.includes(this.self) &&
+      !this.leavingToCatchUp &&
+      members.every((member) => this.source.peer(member)?.positioned === true) &&
+      this.source.memberWatermark('checkpointAckedSeq') >= this.source.retainedFromSequence - 1;
+    this.dirty.refreshSelf(this.source.retainedExtents(), peersHaveAll);
+    await writeFileDurable(this.dirtyFile, this.dirty.encode());
+  }
+
+  /** After a change the tracker must not lose at a crash (a departure seen, a plan made): saved now, in the background. */
+  private persistDirtySoon(): void {
+    this.dirtySave.run().catch((error: unknown) => this.logger.error('saving the dirty-region record failed', { error: error instanceof Error ? error.message : String(error) }));
+  }
+
+  /**
+   * What this replica must compare to catch up: asks every in-sync peer what it may lack
+   * (since the previous plan's epoch, or since it left), and falls back to the whole volume
+   * when they cannot tell (why, in the log). The plan is saved before it is used.
+   */
+  private async planCatchUp(): Promise<CatchUpPlanResult> {
+    const sinceEpoch = this.dirty.plan?.epoch ?? 0;
+    const peers = this.membership.inSync.filter((node) => node !== this.self);
+    if (peers.length === 0) throw new MirrorsanError('NBD_EIO', 'no in-sync peer to plan the catch-up with');
+    const answers = new Map<string, DirtyAnswer>();
+    await Promise.all(
+      peers.map(async (peer) => {
+        const data = await this.requestRegion(peer, 'dirty', sinceEpoch, 0, this.dirty.chunkBytes);
+        answers.set(peer, decodeDirtyAnswer(data, this.dirty.chunkCount));
+      }),
+    );
+    const { plan, full, reason } = this.dirty.makePlan(this.membership.epoch, answers);
+    await this.dirtySave.run();
+    return { chunkBytes: this.dirty.chunkBytes, chunks: [...plan.remaining], full, reason };
+  }
+
+  /** A chunk of the plan was compared (and copied if needed): remembered, and saved now and then. */
+  private planChunkVerified(chunk: number): void {
+    this.dirty.verified(chunk);
+    const now = Date.now();
+    if (now - this.lastPlanSaveMs < PLAN_SAVE_INTERVAL_MS) return;
+    this.lastPlanSaveMs = now;
+    this.persistDirtySoon();
   }
 
   // ---- internals: catch-up (src/volume/catch-up.ts) -------------------------------------
@@ -1127,6 +1389,8 @@ export class ReplicatedVolume implements BlockDevice {
     const driver = new CatchUpDriver(
       {
         sizeBytes: this.sizeBytes,
+        plan: () => this.planCatchUp(),
+        verified: (chunk) => this.planChunkVerified(chunk),
         localDigests: async (offset, length, chunkBytes) => digestChunks(await this.store.read(offset, length), chunkBytes),
         copyUnderGrant: (offset, length, fetch) => this.copyUnderGrant(offset, length, fetch),
         flush: () => this.flushInternal(),
@@ -1160,7 +1424,7 @@ export class ReplicatedVolume implements BlockDevice {
     };
   }
 
-  private requestRegion(peer: string, kind: 'digests' | 'read', offset: number, lengthBytes: number, chunkBytes: number): Promise<Buffer> {
+  private requestRegion(peer: string, kind: 'digests' | 'read' | 'dirty', offset: number, lengthBytes: number, chunkBytes: number): Promise<Buffer> {
     if (this.regionRequests.size >= REGION_REQUESTS_MAX) return Promise.reject(new MirrorsanError('VOLUME_BUSY', `${REGION_REQUESTS_MAX} region requests already wait`));
     const requestId = this.nextRegionRequestId++;
     return new Promise<Buffer>((resolve, reject) => {
@@ -1194,6 +1458,19 @@ export class ReplicatedVolume implements BlockDevice {
         }
         this.checkUsable();
         reply(true, await this.store.read(request.offset, request.lengthBytes));
+        return;
+      }
+      if (request.kind === 'dirty') {
+        this.checkUsable();
+        // The asker's view must not be ahead of ours: departures this node has yet to see
+        // would be missing from its answer.
+        // (The asker usually made the CAS that took it there: the record's watch brings it here soon.)
+        for (let waitedMs = 0; request.epoch > this.membership.epoch && waitedMs < DIRTY_ANSWER_EPOCH_WAIT_MS && !this.closed; waitedMs += 10) await sleep(10);
+        if (request.epoch > this.membership.epoch) throw new MirrorsanError('NBD_EIO', `${this.self} is at epoch ${this.membership.epoch}, behind the request's ${request.epoch}`);
+        this.checkUsable();
+        if (request.chunkBytes !== this.dirty.chunkBytes) throw new MirrorsanError('NBD_EINVAL', `dirty regions tracked in ${this.dirty.chunkBytes}-byte chunks here, not ${request.chunkBytes}`);
+        if (!this.peers.includes(peer)) throw new MirrorsanError('NBD_EINVAL', `${peer} is not a replica of ${this.name}`);
+        reply(true, encodeDirtyAnswer(this.dirty.answer(peer, request.offset)));
         return;
       }
       const digests = await this.digests(request.offset, request.lengthBytes, request.chunkBytes);
@@ -1266,6 +1543,10 @@ export class ReplicatedVolume implements BlockDevice {
   /** The store failed: nothing more is accepted, and every pending operation fails (NBD_EIO). */
   private fail(error: unknown, what: string): void {
     if (this.closed) return;
+    if (this.onDiskFailure) {
+      this.detachDisk(error, what);
+      return;
+    }
     const failure = this.asIoError(error);
     if (!this.failure) {
       this.failure = failure;
@@ -1275,10 +1556,96 @@ export class ReplicatedVolume implements BlockDevice {
     this.pending.clear();
   }
 
+  /**
+   * Diskless mode (options.onDiskFailure): the store failed, so this node stops using it. Every
+   * pending operation is refused with VOLUME_DISKLESS (none was acknowledged: the caller retries
+   * them through an in-sync peer), as is every later one (checkUsable); the caller hears of it
+   * once, as a later event (never inside an effect loop). Later store errors add nothing.
+   */
+  private detachDisk(error: unknown, what: string): void {
+    if (this.diskFailure) {
+      this.logger.debug('store error after the disk was detached', { what, error: error instanceof Error ? error.message : String(error) });
+      return;
+    }
+    const message = error instanceof Error ? error.message : String(error);
+    const cause = isMirrorsanError(error) ? error : new MirrorsanError('STORE_IO', `volume ${this.name}: ${message}`, { cause: error });
+    this.diskFailure = cause;
+    const failure = new MirrorsanError('VOLUME_DISKLESS', `volume ${this.name}: the disk of ${this.self} failed (${what}: ${cause.message})`, { cause });
+    this.failure = failure;
+    this.logger.error('disk failed: detaching it (diskless mode)', { what, code: cause.code, error: cause.message });
+    this.catchUpDriver?.stop();
+    for (const request of this.regionRequests.values()) {
+      clearTimeout(request.timer);
+      request.reject(failure);
+    }
+    this.regionRequests.clear();
+    // Held behind a RELEASE: the grants they concern die with this node's membership.
+    this.heldPolicing.length = 0;
+    for (const operation of this.pending.values()) operation.reject(failure);
+    this.pending.clear();
+    const notify = this.onDiskFailure;
+    queueMicrotask(() => notify?.(failure));
+  }
+
+  /** The last sequence this node's source assigned (sent to its peers, logged here or not). */
+  get lastOwnSequence(): number {
+    return this.source.lastSequence;
+  }
+
+  /** The store error that detached the disk (diskless mode), or undefined while it works. */
+  get diskFailureError(): MirrorsanError | undefined {
+    return this.diskFailure;
+  }
+
+  /**
+   * Diskless mode, after the disk failed: asks every member to make this node's stream durable
+   * (SYNC through its last sequence; the local log sync is skipped, the local copy no longer
+   * counts), so that writes this node acknowledged while they were only in the members' memory
+   * survive there before it leaves the in-sync set: a FLUSH forwarded afterwards covers them.
+   * Resolves true once every member answered, false after `timeoutMs` or if the volume closed.
+   */
+  syncOwnStreamOnPeers(timeoutMs: number): Promise<boolean> {
+    assert(this.diskFailure !== undefined, `volume ${this.name}: syncOwnStreamOnPeers is for a detached disk`);
+    if (this.closed) return Promise.resolve(false);
+    const operationId = this.nextOperationId++;
+    const done = this.trackSequence(operationId);
+    this.runSource(this.source.flush(operationId));
+    return new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(operationId);
+        resolve(false);
+      }, timeoutMs);
+      timer.unref?.();
+      const finished = (ok: boolean): void => {
+        clearTimeout(timer);
+        resolve(ok);
+      };
+      // In async mode a flush completes before the members' SYNC_ACKs: wait for those too.
+      done.then((sequence) => this.whenReplicated('syncAckedSeq', sequence ?? 0, () => finished(true)), () => finished(false));
+    });
+  }
+
   private asIoError(error: unknown): MirrorsanError {
     if (isMirrorsanError(error) && (error.code.startsWith('NBD_') || error.code === 'VOLUME_BUSY')) return error;
     const message = error instanceof Error ? error.message : String(error);
     return new MirrorsanError('NBD_EIO', `volume ${this.name}: ${message}`, { cause: error });
+  }
+
+  /**
+   * Why a client write that waited for its grant may not run now that it has it: this node does
+   * not serve (the checks of checkUsable, lease included), or stopped serving at some moment
+   * since the write was submitted (see servingTerm). Undefined: it may run.
+   */
+  private staleAdmission(submittedTerm: number | undefined): string | undefined {
+    try {
+      this.checkUsable();
+    } catch (error) {
+      return error instanceof Error ? error.message : String(error);
+    }
+    if (submittedTerm !== this.servingTerm) {
+      return `volume ${this.name}: not serving on this node: it stopped serving while this write waited for its grant (it may have been replayed elsewhere since)`;
+    }
+    return undefined;
   }
 
   private checkUsable(): void {

@@ -81,7 +81,14 @@ export type SourceBug =
   /** Completes a write once applied locally, without waiting for the ACKs (breaks I1). */
   | 'completeBeforeAcks'
   /** Completes FLUSH/FUA once synced locally, without waiting for SYNC_ACKs (breaks I1 across crashes). */
-  | 'flushBeforeSyncAcks';
+  | 'flushBeforeSyncAcks'
+  /**
+   * When this node starts catching up, lets the join floor complete the writes and flushes still
+   * pending, as if every member had them: the behaviour before the fix (breaks I1).
+   */
+  | 'completePendingOnJoin'
+  /** A catching-up source leaves a peer below its resend window stranded for ever (the behaviour before the fix: liveness). */
+  | 'strandPeersWhileCatchingUp';
 
 export interface ClientWrite {
   readonly operationId: number;
@@ -154,6 +161,8 @@ interface PendingWrite {
   readonly fua: boolean;
   readonly bytes: number;
   localDone: boolean;
+  /** Set when it can no longer succeed (see failUnreplicated): it completes with this once applied locally. */
+  failure: OperationResult | undefined;
 }
 
 type QueuedOperation = { readonly kind: 'write'; readonly write: ClientWrite } | { readonly kind: 'flush'; readonly operationId: number };
@@ -198,6 +207,10 @@ export class ReplicationSource {
   private checkpointRequestedSeq = 0;
   private nowMs = 0;
   private lastCheckpointRequestMs = 0;
+  /** This node is in its own record's catchingUp set (as of the last setMembership). */
+  private selfCatchingUp = false;
+  /** The other replicas catching up (as of the last setMembership). */
+  private catchingUpPeers = new Set<string>();
 
   constructor(config: SourceConfig) {
     assert(config.volume.length > 0 && config.self.length > 0, 'a source needs a volume and a node id');
@@ -239,8 +252,21 @@ export class ReplicationSource {
     const selfJoining = catchingUp.includes(this.self);
     const members = new Set([...inSync.filter((node) => node !== this.self), ...joining]);
     for (const peer of [...this.peers.keys()]) if (!members.has(peer)) this.peers.delete(peer);
-    for (const state of this.peers.values()) {
-      if (!selfJoining || state.joinFloor !== undefined) continue;
+    // This node starts catching up now. What it still waits for was not shown to reach every
+    // member (else it would have completed), and its catch-up overwrites it: it fails, instead
+    // of completing once the floor below covers it. And the floor moves up for every member,
+    // also one that joined earlier at a lower floor: an entry from before this node left, resent
+    // now, could land on that member after a newer epoch's write to the same blocks (I4). Both
+    // found by src/testing/failure-simulation.ts.
+    const selfJoinsNow = selfJoining && !this.selfCatchingUp && this.bug !== 'completePendingOnJoin';
+    const effects: SourceEffect[] = selfJoinsNow ? this.failUnreplicated() : [];
+    this.selfCatchingUp = selfJoining;
+    for (const [peer, state] of this.peers) {
+      // A member that moves from the in-sync set to catching up (it left to catch up after a
+      // restart) starts at a floor like a new one: its target may report a position from before
+      // its restart, below what this source still holds, and its catch-up copies what it lacks.
+      const entersCatchUp = joining.has(peer) && !this.catchingUpPeers.has(peer);
+      if (!selfJoinsNow && !entersCatchUp && !(selfJoining && state.joinFloor === undefined)) continue;
       state.joinFloor = this.lastSeq;
       state.ackedSeq = Math.max(state.ackedSeq, this.lastSeq);
       state.syncAckedSeq = Math.max(state.syncAckedSeq, this.lastSeq);
@@ -268,8 +294,29 @@ export class ReplicationSource {
         restartPending: false,
       });
     }
+    this.catchingUpPeers = joining;
     // A member that left no longer holds back completions or the window.
-    return this.progress();
+    effects.push(...this.progress());
+    return effects;
+  }
+
+  /**
+   * Marks every pending write that some member has not acknowledged (or, FUA, not synced) as
+   * failed, and fails at once the flushes not yet synced by every member.
+   */
+  private failUnreplicated(): SourceEffect[] {
+    const acked = this.minPeer('ackedSeq');
+    const syncAcked = this.minPeer('syncAckedSeq');
+    const failure: OperationResult = { ok: false, code: 'NBD_EIO', message: `volume ${this.volume}: ${this.self} left the in-sync set before every member had this; its catch-up overwrites it` };
+    for (const pending of this.pendingWrites.values()) {
+      if (pending.sequence > acked || (pending.fua && pending.sequence > syncAcked)) pending.failure = failure;
+    }
+    const effects: SourceEffect[] = [];
+    // Flushes are in sequence order: the unsynced ones are a tail.
+    let kept = this.pendingFlushes.length;
+    while (kept > 0 && this.pendingFlushes[kept - 1]!.sequence > syncAcked) kept--;
+    for (const flush of this.pendingFlushes.splice(kept)) effects.push({ kind: 'complete', operationId: flush.operationId, result: failure });
+    return effects;
   }
 
   write(write: ClientWrite): SourceEffect[] {
@@ -383,6 +430,13 @@ export class ReplicationSource {
   get members(): string[] {
     return [...this.peers.keys()];
   }
+  /** Where the entries of the resend window wrote: what a member may still lack of this source. */
+  *retainedExtents(): IterableIterator<{ offset: number; lengthBytes: number }> {
+    for (let index = this.retainedHead; index < this.retained.length; index++) {
+      const entry = this.retained[index];
+      if (entry !== undefined) yield { offset: entry.offset, lengthBytes: entry.lengthBytes };
+    }
+  }
   /** What this source knows of `peer` (tests, metrics). */
   peer(peer: string): Readonly<{ positioned: boolean; linkUp: boolean; ackedSeq: number; syncAckedSeq: number; checkpointAckedSeq: number; nextToSend: number }> | undefined {
     const state = this.peers.get(peer);
@@ -427,6 +481,25 @@ export class ReplicationSource {
     }
     state.nextToSend = sequence + 1;
     const from = this.retainedFromSequence;
+    if (state.nextToSend < from && this.selfCatchingUp && this.bug !== 'strandPeersWhileCatchingUp') {
+      // The peer lost entries it had checkpointed (a replaced disk). This node is catching up:
+      // its stream since it joined holds only its catch-up copies, which no peer needs (an
+      // in-sync peer is the truth they came from; a catching-up one copies from the truth), so
+      // the peer's stream moves to this source's last sequence instead of staying stranded for
+      // ever; what the peer had not acknowledged fails (found by the failure simulation).
+      state.joinFloor = this.lastSeq;
+      state.ackedSeq = this.lastSeq;
+      state.syncAckedSeq = this.lastSeq;
+      state.checkpointAckedSeq = this.lastSeq;
+      state.nextToSend = this.lastSeq + 1;
+      state.restartPending = true;
+      const failure: OperationResult = { ok: false, code: 'NBD_EIO', message: `volume ${this.volume}: ${peer} lost this catching-up node's entries after ${sequence}` };
+      for (const pending of this.pendingWrites.values()) if (pending.sequence > sequence) pending.failure = failure;
+      let kept = this.pendingFlushes.length;
+      while (kept > 0 && this.pendingFlushes[kept - 1]!.sequence > sequence) kept--;
+      for (const flush of this.pendingFlushes.splice(kept)) effects.push({ kind: 'complete', operationId: flush.operationId, result: failure });
+      return;
+    }
     if (state.nextToSend < from) {
       state.stranded = true;
       effects.push({ kind: 'peerNeedsCatchUp', peer, peerSequence: sequence, retainedFromSequence: from });
@@ -538,7 +611,7 @@ export class ReplicationSource {
       const bytes = entryBytes(entry);
       this.retained.push(entry);
       this.retainedBytes += bytes;
-      this.pendingWrites.set(entry.sequence, { operationId: write.operationId, sequence: entry.sequence, fua: entry.fua, bytes, localDone: false });
+      this.pendingWrites.set(entry.sequence, { operationId: write.operationId, sequence: entry.sequence, fua: entry.fua, bytes, localDone: false, failure: undefined });
       this.inFlightBytes += bytes;
       effects.push({ kind: 'appendLocal', entry });
       if (entry.fua) this.requestSync(entry.sequence, effects);
@@ -593,6 +666,12 @@ export class ReplicationSource {
     const acked = sync && this.bug !== 'completeBeforeAcks' ? this.minPeer('ackedSeq') : this.lastSeq;
     const syncAcked = sync && this.bug !== 'flushBeforeSyncAcks' && this.bug !== 'completeBeforeAcks' ? this.minPeer('syncAckedSeq') : this.lastSeq;
     for (const pending of this.pendingWrites.values()) {
+      if (pending.localDone && pending.failure !== undefined) {
+        this.pendingWrites.delete(pending.sequence);
+        this.inFlightBytes -= pending.bytes;
+        effects.push({ kind: 'complete', operationId: pending.operationId, result: pending.failure });
+        continue;
+      }
       if (!pending.localDone || pending.sequence > acked) continue;
       if (pending.fua && (pending.sequence > this.localSyncedSeq || pending.sequence > syncAcked)) continue;
       this.pendingWrites.delete(pending.sequence);
