@@ -189,6 +189,8 @@ test('a write replayed by attach after its node was SIGSTOPped is never overtake
   assert.ok((await status(1)).epoch >= epochBefore + 3, 'removal, catching up and promotion each moved the epoch');
   const log = cluster.stderr;
   assert.match(attach.stderr, /node lost .*reason="no answer for \d+ ms/, 'attach gave up on the stopped node');
+  const loggedPauseMs = Number(/ failover .*pauseMs=(\d+)/.exec(attach.stderr)?.[1]);
+  assert.ok(loggedPauseMs >= 3_500 && loggedPauseMs <= pauseMs + 100, `attach logs the pause from the node's last answer: ${loggedPauseMs} ms`);
   assert.match(log, /n1\S*\] .*lease lost/, 'n1 noticed its lease was gone on resuming');
 
   // Every node, and attach, return the newest acknowledged version of every block.

@@ -100,7 +100,7 @@ export interface FailoverStats {
   failovers: number;
   /** Requests resent after a failover, over all failovers. */
   replayed: number;
-  /** Time from losing the node to replaying on the next one, for the last failover. */
+  /** Time from losing the node (for a stall: from its last answer) to replaying on the next one, for the last failover. */
   pauseMsLast: number;
   /** Requests sent or held for replay. */
   pending: number;
@@ -470,7 +470,8 @@ export class FailoverDevice implements BlockDevice {
         return;
       }
       this.counters.stalls++;
-      this.connectionLost(generation, `no answer for ${Math.round(silentMs)} ms with ${this.pending.size} requests outstanding (request timeout ${this.requestTimeoutMs} ms)`);
+      // The outage began when the node went silent, not now: the pause reported is the client's.
+      this.connectionLost(generation, `no answer for ${Math.round(silentMs)} ms with ${this.pending.size} requests outstanding (request timeout ${this.requestTimeoutMs} ms)`, this.progressAtMs);
     }, Math.max(1, Math.ceil(delayMs)));
   }
 
@@ -483,7 +484,7 @@ export class FailoverDevice implements BlockDevice {
     socket.on('close', () => this.connectionLost(generation, 'connection closed'));
   }
 
-  private connectionLost(generation: number, reason: string): void {
+  private connectionLost(generation: number, reason: string, silentSinceMs = performance.now()): void {
     if (generation !== this.generation || this.stateValue !== 'connected') return;
     const left = describeTarget(this.nodes[this.nodeIndex]!);
     this.stateValue = 'reconnecting';
@@ -495,7 +496,7 @@ export class FailoverDevice implements BlockDevice {
     this.awaitingFirstAnswer = false;
     if (continuing) this.continuedLosses++;
     else {
-      this.outageStartedMs = performance.now();
+      this.outageStartedMs = silentSinceMs;
       this.continuedLosses = 0;
     }
     this.log.warn('node lost', { node: left, reason, pending: this.pending.size, waiting: this.waiting.length });

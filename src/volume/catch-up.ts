@@ -188,6 +188,7 @@ export class CatchUpDriver {
           this.updateRate();
         } catch (error) {
           if (this.stopped) return false;
+          progress.bytesCompared = compared; // the batch is done again from its start
           this.noteRetry(error, offset);
           await sleep(RETRY_DELAY_MS, undefined, { ref: false });
         }
@@ -237,6 +238,9 @@ export class CatchUpDriver {
     // run() strikes plan chunks off once a batch passes their end.
     const done = (start: number): void => {
       if (planChunkBytes === this.chunkBytes) this.volume.verified(start / planChunkBytes);
+      // Progress moves chunk by chunk (a throttled batch of 16 MiB would otherwise sit at one figure for long).
+      this.progressValue.bytesCompared += Math.min(this.chunkBytes, offset + length - start);
+      this.updateRate();
     };
     const peers = this.volume.sourcesOfTruth();
     if (peers.length === 0) throw new Error('no in-sync peer to copy from');

@@ -317,7 +317,7 @@ export class DirtyRegionTracker {
       this.planValue = { epoch, remaining: ChunkSet.all(this.chunkCount) };
       return { plan: this.planValue, full: true, reason };
     };
-    if (this.selfUnknown) return full(`no record of ${this.self}'s own unacknowledged writes survived, or its disk is new`);
+    if (this.selfUnknown) return full(`no record of ${this.self}'s own unacknowledged writes survived, or its disk is new or was re-attached after a failure`);
     const complete = [...answers].filter(([, answer]) => answer.complete);
     if (complete.length === 0) {
       const reasons = [...answers.values()].map((answer) => answer.reason).join('; ');
@@ -348,6 +348,11 @@ export class DirtyRegionTracker {
     remaining.addAll(this.selfMarks);
     if (this.planValue) remaining.addAll(this.planValue.remaining);
     this.planValue = { epoch: Math.min(epoch, this.planValue?.epoch ?? epoch), remaining };
+  }
+
+  /** This node's image can no longer be trusted where it lacks marks (a re-attached disk): its next catch-up compares everything. */
+  forgetSelf(): void {
+    this.selfUnknown = true;
   }
 
   /** The leave that planFromSelf prepared for did not happen. */

@@ -454,7 +454,12 @@ export class ReplicatedVolume implements BlockDevice {
       ...(options.faults ? { faults: options.faults } : {}),
     });
     try {
-      if (options.ownSequenceFloor !== undefined) await padOwnLog(store, options.ownSequenceFloor, options.logger);
+      if (options.ownSequenceFloor !== undefined) {
+        await padOwnLog(store, options.ownSequenceFloor, options.logger);
+        // Entries the failed disk never got may have reached the peers, and its image may hold
+        // torn writes: what it lacks is not in anyone's marks.
+        dirty.forgetSelf();
+      }
       const targets = new Map<string, ReplicationTarget>();
       for (const peer of membership.replicas) {
         if (peer === options.self) continue;
