@@ -100,7 +100,9 @@ export type FailureBug =
  *   entries it had acknowledged on receipt and not yet written (memory), until their sources
  *   resend them; a node on a replaced disk serves zeros (I1, I3). Issue 5 item 6 asks for
  *   replay, rejoin, catch-up, then reads. Fix: after an unclean restart a member that is not the
- *   last in-sync one leaves to catching up (leaveToCatchUp) instead of rejoining.
+ *   last in-sync one leaves to catching up (leaveToCatchUp) instead of rejoining, and until it
+ *   has it decides no removals (else it may remove the silent member that holds what it lost and
+ *   stay as the last in-sync member).
  * - 'sequenceFromLog' (ReplicaStore recovery): after a power loss a node's own sequence restarts
  *   from its replayed WAL, below what its peers received of its stream: its source refuses
  *   their ACKs ("beyond the last sequence") and never sends again, and its next entries reuse
@@ -134,12 +136,6 @@ export type FailureBug =
  *   in-sync member comes back on a replaced disk (its log rotted), a catching-up writer's stream
  *   to it stands below the writer's resend window, stranded for ever; the writer's catch-up
  *   copies never complete (liveness). Replayed through the source's bug switch.
- * - 'skipsEpochs' (MembershipMonitor.adopt): a lost CAS or a re-read hands the volume the newest
- *   record, skipping the epochs in between (the watch's later deliveries of them are ignored as
- *   old). A writer that skips the epochs in which another member left, caught up and came back
- *   never sets that member's join floor; if the member's store lost entries the writer no longer
- *   holds (a replaced disk), its stream stands below the writer's window for ever (liveness).
- *   Fix: adopt records strictly in epoch order, reading the ones in between.
  * - 'appliesFramesOfUnknownEpochs' (ReplicatedVolume.receive; docs/replication.md lists it as an
  *   open point): a member that has not yet learned epoch e applies a stream frame of epoch e from
  *   a node that epoch e removed (it checks the sender against its own older record, and the
@@ -156,7 +152,6 @@ export type FailureFlaw =
   | 'acknowledgeAfterLeaseLoss'
   | 'catchingUpKeepsGrants'
   | 'strandPeersWhileCatchingUp'
-  | 'skipsEpochs'
   | 'appliesFramesOfUnknownEpochs';
 
 export interface FailureScenarioOptions {
@@ -245,7 +240,7 @@ const REGION_REQUESTS_MAX = 64;
 const CATCH_UP_RETRY_MS = 50;
 const CHUNKS_PER_BATCH = 16;
 /** The volume's periodic store checkpoint (production 30 s). */
-const CHECKPOINT_INTERVAL_MS = 150;
+const CHECKPOINT_INTERVAL_MS = 400;
 const CHECKPOINT_COVER_ATTEMPTS_MAX = 4;
 const IO_DELAY_MS_MAX = 2;
 /** Own sequences a store reserves at a time (the 'sequenceFromLog' correction). */
@@ -505,8 +500,11 @@ class Checkers {
   }
 
   /**
-   * After a crash: a plain write that no running in-sync member holds any more (nor anything
-   * newer in its block) lived in memory only, like a disk's write cache: its loss is excused.
+   * After a crash, or a record change (a member removed, or gone to catch up): a plain write
+   * that no running, trusted in-sync member holds any more (nor anything newer in its block)
+   * survives nowhere the volume will keep it: it lived in the memory of members that crashed
+   * (like a disk's write cache) or that left the in-sync set. Its loss is excused (I1 protects
+   * writes "while at least one member of the in-sync set survives").
    */
   excuseLostWrites(): void {
     const record = this.world.coordinator.record;
@@ -1884,6 +1882,9 @@ class Membership {
 
   private maybeRemove(): void {
     if (this.removing || this.rejoining || !this.liveNodes || !this.leaseValid()) return;
+    // Part of the restart rule: a restarted member that has not left to catch up yet lacks what it
+    // held in memory; removing a silent member could leave it the last in-sync one (the only copy).
+    if (this.node.mustCatchUp && !this.world.asBuilt.has('restartRejoinsInSync')) return;
     const liveNodes = this.world.bug === 'removeBeforeLeaseExpiry' ? new Set<NodeId>() : this.liveNodes;
     const decision = decideRemoval({ self: this.self, record: this.record!, spec: { strict: false }, liveNodes, lastHeardMs: this.lastHeardMs, nowMs: this.nowMs, failureTimeoutMs: FAILURE_TIMEOUT_MS });
     if (decision.reason !== this.lastReason) {
@@ -1957,17 +1958,12 @@ class Membership {
   }
 
   /**
-   * The records a CAS answer or a re-read brings, oldest first. As built, MembershipMonitor
-   * adopts only the newest (and the watch's older deliveries are then ignored): a volume may
-   * skip epochs. The 'skipsEpochs' correction adopts every one, in epoch order.
+   * The records a CAS answer or a re-read brings, oldest first: MembershipMonitor adopts the
+   * newest (so a volume may skip epochs; the watch's later deliveries of them are ignored).
    */
   adoptAnswer(records: readonly VolumeRecord[]): void {
-    if (this.world.asBuilt.has('skipsEpochs')) {
-      const newest = records[records.length - 1];
-      if (newest !== undefined) this.adopt(newest);
-      return;
-    }
-    for (const record of records) this.adopt(record);
+    const newest = records[records.length - 1];
+    if (newest !== undefined) this.adopt(newest);
   }
 
   /** A newer record: remember it and hand it to the volume. */
@@ -2296,7 +2292,7 @@ export function runFailureScenario(seed: number, run: SeedRun, options: FailureS
     retainedEntriesMax: setup.int(16, 128),
     retainedBytesMax: 1024 * 1024,
     checkpointRetainedBytes: setup.int(32, 256) * 1024,
-    checkpointIntervalMs: setup.int(20, 200),
+    checkpointIntervalMs: setup.int(100, 600),
   };
   const targetLimits: Partial<TargetLimits> = { partitionEntriesMax: setup.int(1, 16), partitionBytesMax: setup.int(4, 64) * 1024 };
   const storeFaults: StoreFaults = {
@@ -2324,6 +2320,7 @@ export function runFailureScenario(seed: number, run: SeedRun, options: FailureS
     scheduler,
     replicas,
     leaseTtlMs: LEASE_TTL_MS,
+    onChange: () => world.checkers.excuseLostWrites(),
     onLeaseExpired: (node, leaseId) => {
       report.leaseExpiries++;
       // [I2, I3] the node gave its lease up before the coordinator let it expire.

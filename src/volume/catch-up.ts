@@ -57,8 +57,8 @@ export interface CatchUpVolume {
   verified(chunk: number): void;
   /** This replica's digests of the same chunks. */
   localDigests(offset: number, length: number, chunkBytes: number): Promise<string[]>;
-  /** Holding the chunk's write grant: fetch the peer's bytes and write them here (mirrored) unless equal. */
-  copyUnderGrant(offset: number, length: number, fetch: () => Promise<Buffer>): Promise<'same' | 'copied'>;
+  /** Holding the chunk's write grant: fetch the peer's bytes and write them here (mirrored) unless equal (`force`: even then). */
+  copyUnderGrant(offset: number, length: number, fetch: () => Promise<Buffer>, force: boolean): Promise<'same' | 'copied'>;
   /** Makes every copy durable on every member. */
   flush(): Promise<void>;
   /** In-sync peers to copy from (never empty while catching up). */
@@ -76,6 +76,8 @@ export interface CatchUpProgress {
   bytesCompared: number;
   bytesCopied: number;
   chunksCopied: number;
+  /** Chunks the in-sync peers themselves disagreed on (full comparisons ask them all): copied to every member. */
+  chunksPeersDisagreed: number;
   percent: number;
   rateBytesPerSec: number;
   etaSeconds: number | null;
@@ -124,6 +126,8 @@ export class CatchUpDriver {
   private readonly rateBytesPerSec: number;
   private stopped = false;
   private peerIndex = 0;
+  /** Compare with every in-sync peer, not one (full comparisons). */
+  private allPeers = false;
   /** Bytes let through the throttle so far (copies in flight included). */
   private bytesScheduled = 0;
   readonly progressValue: CatchUpProgress;
@@ -135,7 +139,7 @@ export class CatchUpDriver {
     this.chunkBytes = options.chunkBytes;
     this.rateBytesPerSec = options.rateBytesPerSec;
     this.progressValue = {
-      state: 'planning', mode: null, fullReason: null, bytesPlanned: 0, bytesTotal: volume.sizeBytes, bytesCompared: 0, bytesCopied: 0, chunksCopied: 0,
+      state: 'planning', mode: null, fullReason: null, bytesPlanned: 0, bytesTotal: volume.sizeBytes, bytesCompared: 0, bytesCopied: 0, chunksCopied: 0, chunksPeersDisagreed: 0,
       percent: 0, rateBytesPerSec: 0, etaSeconds: null, startedAtMs: Date.now(), finishedAtMs: null, retries: 0, lastError: null,
     };
   }
@@ -157,6 +161,7 @@ export class CatchUpDriver {
     const progress = this.progressValue;
     const runs = chunkRuns(plan, this.volume.sizeBytes);
     progress.state = 'copying';
+    this.allPeers = plan.full;
     progress.mode = plan.full ? 'full' : 'dirty-regions';
     progress.fullReason = plan.full ? plan.reason : null;
     progress.bytesPlanned = runs.reduce((sum, run) => sum + run.lengthBytes, 0);
@@ -245,11 +250,20 @@ export class CatchUpDriver {
     const peers = this.volume.sourcesOfTruth();
     if (peers.length === 0) throw new Error('no in-sync peer to copy from');
     const peer = peers[this.peerIndex % peers.length]!;
-    const [remote, local] = await Promise.all([this.access.digests(peer, offset, length, this.chunkBytes), this.volume.localDigests(offset, length, this.chunkBytes)]);
-    if (remote.length !== local.length) throw new Error(`peer ${peer} sent ${remote.length} digests for ${local.length} chunks`);
-    const differing: number[] = [];
+    // A full comparison asks every in-sync peer: where they disagree among themselves (a dead
+    // writer's entry that reached some of them), the chunk is copied from one even if equal
+    // here, and the mirrored copy makes them all equal again.
+    const asked = this.allPeers ? peers : [peer];
+    const [local, ...remotes] = await Promise.all([this.volume.localDigests(offset, length, this.chunkBytes), ...asked.map((node) => this.access.digests(node, offset, length, this.chunkBytes))]);
+    const remote = remotes[asked.indexOf(peer)]!;
+    for (const [at, answer] of remotes.entries()) {
+      if (answer.length !== local.length) throw new Error(`peer ${asked[at]} sent ${answer.length} digests for ${local.length} chunks`);
+    }
+    const differing: { index: number; force: boolean }[] = [];
     for (let index = 0; index < local.length; index++) {
-      if (remote[index] !== local[index]) differing.push(index);
+      const disagree = remotes.some((answer) => answer[index] !== remote[index]);
+      if (disagree) this.progressValue.chunksPeersDisagreed++;
+      if (disagree || remote[index] !== local[index]) differing.push({ index, force: disagree });
       else done(offset + index * this.chunkBytes);
     }
     // A few copies at once: each is a grant round trip, a read from the peer and a mirrored
@@ -258,11 +272,12 @@ export class CatchUpDriver {
     let failure: unknown;
     const copyNext = async (): Promise<void> => {
       while (next < differing.length && failure === undefined && !this.stopped) {
-        const start = offset + differing[next++]! * this.chunkBytes;
+        const { index, force } = differing[next++]!;
+        const start = offset + index * this.chunkBytes;
         const chunkLength = Math.min(this.chunkBytes, offset + length - start);
         try {
           await this.throttle(chunkLength);
-          const result = await this.volume.copyUnderGrant(start, chunkLength, () => this.access.read(peer, start, chunkLength));
+          const result = await this.volume.copyUnderGrant(start, chunkLength, () => this.access.read(peer, start, chunkLength), force);
           if (result === 'copied') {
             this.progressValue.bytesCopied += chunkLength;
             this.progressValue.chunksCopied++;

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { ENTRY_TYPE } from '../journal/entry.js';
 import { createLogger } from '../util/log.js';
 import type { PeerMessage } from '../replication/peer-link.js';
 import { ReplicatedVolume, type ReplicaMembership, type ReplicaTransport, type ReplicatedVolumeOptions } from './replicated-volume.js';
@@ -26,7 +27,15 @@ class Loop {
       });
       return true;
     };
-    return { sendToPeer: deliver, answerSource: deliver, resetInbound: () => undefined };
+    // A redial: the link goes down and up again, and the peer's target re-announces its position.
+    const resetOutbound = (peer: string): void => {
+      setImmediate(() => {
+        if (this.cut.has(pairKey(self, peer)) || !this.volumes.has(peer) || !this.volumes.has(self)) return;
+        this.volumes.get(self)!.outboundDown(peer);
+        this.up(self, peer);
+      });
+    };
+    return { sendToPeer: deliver, answerSource: deliver, resetInbound: () => undefined, resetOutbound };
   }
 
   /** Both connections between every pair come up (dialer side first, as over TCP). */
@@ -596,6 +605,64 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
     await withTimeout(v('n1').write(4096, Buffer.alloc(4096, 7), { fua: true }), 5000, 'n1 writes again');
     for (const id of ['n2', 'n3']) assert.equal((await readBytes(v(id), 4096, 1))[0], 7);
     await crashed.close().catch(() => undefined);
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[restart, lost entries] a writer whose log lost entries a peer holds voids their numbers, catches up against every peer, and the replicas converge', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  let membership: ReplicaMembership = { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' };
+  const everyone = (next: ReplicaMembership): void => {
+    membership = next;
+    for (const volume of loop.volumes.values()) volume.changeMembership(next);
+  };
+  const hooks = (): ReplicatedVolumeOptions['catchUp'] => ({
+    leave: async () => {
+      everyone({ ...membership, epoch: membership.epoch + 1, inSync: membership.inSync.filter((node) => node !== 'n1'), catchingUp: ['n1'] });
+      return true;
+    },
+    caughtUp: async () => everyone({ epoch: membership.epoch + 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' }),
+  });
+  const loop = await openCluster(root, 64 * 1024, 'sync', () => hooks());
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(65536, 1), { fua: true }), 5000, 'a write everyone has');
+    // n1 sent its next entry to n3 only, then crashed before logging it: n3 holds an entry of
+    // n1's stream that n1's log never got (and n2, the peer n1 compares with first, never saw).
+    const last = (v('n1').status() as { source: { lastSequence: number } }).source.lastSequence;
+    v('n3').receive('n1', { type: 'WRITE', volume: 'vol', epoch: 1, source: 'n1', sequence: last + 1, entryType: ENTRY_TYPE.WRITE, offset: 10 * 65536, lengthBytes: 4096, payload: Buffer.alloc(4096, 0xab) });
+    const deadline = Date.now() + 10_000;
+    while ((await readBytes(v('n3'), 10 * 65536, 1))[0] !== 0xab) {
+      assert.ok(Date.now() < deadline, 'n3 did not apply the orphan entry');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    const crashed = v('n1');
+    loop.volumes.delete('n1');
+    await crashed.close();
+    const restarted = await ReplicatedVolume.open({
+      name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n1'), self: 'n1', membership, transport: loop.transport('n1'),
+      logger: createLogger({ level: 'error' }), sourceLimits: { checkpointIntervalMs: 200 }, regionSizeBytes: 64 * 1024, catchUp: hooks(),
+    });
+    loop.volumes.set('n1', restarted);
+    for (const peer of ['n2', 'n3']) {
+      loop.up('n1', peer);
+      loop.up(peer, 'n1');
+    }
+    while (restarted.replicaState !== 'in-sync' || (restarted.status() as { catchUp: { state: string } | null }).catchUp?.state !== 'done') {
+      assert.ok(Date.now() < deadline + 10_000, `n1 did not catch up: ${restarted.replicaState}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const progress = (restarted.status() as { catchUp: { mode: string; fullReason: string; chunksPeersDisagreed: number } }).catchUp;
+    assert.equal(progress.mode, 'full');
+    assert.ok(progress.chunksPeersDisagreed >= 1, 'n2 and n3 disagreed on the orphan\'s chunk');
+    const reference = await readBytes(v('n2'), 0, SIZE_BYTES);
+    for (const id of ['n1', 'n3']) assert.deepEqual(await readBytes(v(id), 0, SIZE_BYTES), reference, `${id} equals n2`);
+    // n1's new entries take numbers past the lost one, and reach everyone.
+    await withTimeout(v('n1').write(20 * 65536, Buffer.alloc(4096, 0x5a), { fua: true }), 5000, 'n1 writes again');
+    for (const id of ['n2', 'n3']) assert.equal((await readBytes(v(id), 20 * 65536, 1))[0], 0x5a, `${id} has n1's new write`);
+    assert.ok((restarted.status() as { source: { lastSequence: number } }).source.lastSequence > last + 1);
   } finally {
     await loop.close();
   }

@@ -273,7 +273,7 @@ interface PendingOperation {
   /** Set once the holder admitted the write and it went to the source. */
   write?: { entryType: WireEntryType; offset: number; lengthBytes: number; payload: Buffer; fua: boolean };
   /** A catch-up copy: once admitted (its grant held), fetch the peer's bytes, then write them. */
-  copy?: { offset: number; lengthBytes: number; fetch: () => Promise<Buffer>; outcome?: 'same' | 'copied' };
+  copy?: { offset: number; lengthBytes: number; fetch: () => Promise<Buffer>; force: boolean; outcome?: 'same' | 'copied' };
   /** A client write: the servingTerm it was submitted in (admitted only in the same one). */
   servingTerm?: number;
 }
@@ -353,6 +353,11 @@ export class ReplicatedVolume implements BlockDevice {
   private readonly heldPolicing: HeldPolicingMessage[] = [];
   /** Policing messages of an epoch newer than this node's, until it adopts that epoch. */
   private futurePolicing: { peer: string; message: PolicingMessage }[] = [];
+  /** The highest own sequence a peer reported beyond this node's log (see skipLostSequences). */
+  private lostSequencesTo = 0;
+  private skippingLostSequences = false;
+  /** Settles once the log is padded and the source skipped (a catch-up plans only after: its copies take new numbers). */
+  private lostSequencesSkipped: Promise<void> = Promise.resolve();
   /** RELEASEs in heldPolicing[0..releaseSyncCovers) go once the running sync completes. */
   private releaseSyncCovers = 0;
   private releaseSyncRunning = false;
@@ -1055,11 +1060,49 @@ export class ReplicatedVolume implements BlockDevice {
             });
           }
           break;
+        case 'peerAhead':
+          this.skipLostSequences(effect.peer, effect.peerSequence, effect.lastSequence);
+          break;
         case 'refused':
           this.logger.warn('source refused a message', { peer: effect.peer, code: effect.code, reason: effect.reason });
           break;
       }
     }
+  }
+
+  /**
+   * A peer holds own entries up to `peerSequence` that this node's log lost (sent, then a crash
+   * before the local append; frames go out in parallel with it). Their numbers are voided
+   * (the log padded to the highest such report, then the source skips there), and this node
+   * leaves the in-sync set and catches up comparing the whole volume against every in-sync
+   * peer: what those entries wrote is in nobody's marks, and they may have reached some peers
+   * only (the comparison rewrites chunks the peers disagree on everywhere).
+   */
+  private skipLostSequences(peer: string, peerSequence: number, lastSequence: number): void {
+    this.lostSequencesTo = Math.max(this.lostSequencesTo, peerSequence);
+    if (this.skippingLostSequences || this.closed) return;
+    this.skippingLostSequences = true;
+    this.logger.error('a peer holds entries of this node that its log lost in a crash: voiding their sequence numbers and catching up', { peer, peerSequence, lastSequence });
+    this.dirty.forgetSelf();
+    if (this.membership.inSync.includes(this.self)) this.leaveToCatchUp(`${peer} holds this node's entries ${lastSequence + 1}..${peerSequence}, which its log lost in a crash`);
+    const skip = async (): Promise<void> => {
+      while (!this.closed && this.lostSequencesTo > this.source.lastSequence) {
+        const to = this.lostSequencesTo;
+        // Nothing is sequenced meanwhile: this node refuses I/O from now on (leaving or out).
+        await padOwnLog(this.store, to, this.logger);
+        if (this.closed) return;
+        this.runSource(this.source.skipTo(to));
+        // Members re-announce their positions on a new link: the stream restarts at the floor.
+        for (const member of this.source.members) this.transport.resetOutbound?.(member, `stream restarts at ${to + 1} after lost entries`);
+      }
+    };
+    this.lostSequencesSkipped = skip().then(
+      () => void (this.skippingLostSequences = false),
+      (error: unknown) => {
+        this.skippingLostSequences = false;
+        this.fail(error, 'voiding lost sequence numbers');
+      },
+    );
   }
 
   private runTarget(peer: string, effects: readonly TargetEffect[]): void {
@@ -1323,6 +1366,7 @@ export class ReplicatedVolume implements BlockDevice {
    * when they cannot tell (why, in the log). The plan is saved before it is used.
    */
   private async planCatchUp(): Promise<CatchUpPlanResult> {
+    await this.lostSequencesSkipped;
     const sinceEpoch = this.dirty.plan?.epoch ?? 0;
     const peers = this.membership.inSync.filter((node) => node !== this.self);
     if (peers.length === 0) throw new MirrorsanError('NBD_EIO', 'no in-sync peer to plan the catch-up with');
@@ -1397,7 +1441,7 @@ export class ReplicatedVolume implements BlockDevice {
         plan: () => this.planCatchUp(),
         verified: (chunk) => this.planChunkVerified(chunk),
         localDigests: async (offset, length, chunkBytes) => digestChunks(await this.store.read(offset, length), chunkBytes),
-        copyUnderGrant: (offset, length, fetch) => this.copyUnderGrant(offset, length, fetch),
+        copyUnderGrant: (offset, length, fetch, force) => this.copyUnderGrant(offset, length, fetch, force),
         flush: () => this.flushInternal(),
         sourcesOfTruth: () => this.membership.inSync.filter((node) => node !== this.self),
       },
@@ -1486,10 +1530,10 @@ export class ReplicatedVolume implements BlockDevice {
   }
 
   /** Holding the chunk's write grant: the peer's bytes are fetched and, unless equal to ours, written (mirrored). */
-  private copyUnderGrant(offset: number, lengthBytes: number, fetch: () => Promise<Buffer>): Promise<'same' | 'copied'> {
+  private copyUnderGrant(offset: number, lengthBytes: number, fetch: () => Promise<Buffer>, force: boolean): Promise<'same' | 'copied'> {
     if (this.closed) return Promise.reject(new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name} is closed`));
     const operationId = this.nextOperationId++;
-    const copy = { offset, lengthBytes, fetch } as NonNullable<PendingOperation['copy']>;
+    const copy = { offset, lengthBytes, fetch, force } as NonNullable<PendingOperation['copy']>;
     const done = this.track(operationId, true);
     this.pending.get(operationId)!.copy = copy;
     this.runHolder(this.holder.acquire(operationId, regionsOf(offset, lengthBytes, this.regionSizeBytes, WRITE_REGIONS_MAX)));
@@ -1508,7 +1552,7 @@ export class ReplicatedVolume implements BlockDevice {
       return;
     }
     if (this.closed || !this.pending.has(operationId)) return;
-    if (data.equals(local)) {
+    if (!copy.force && data.equals(local)) {
       copy.outcome = 'same';
       this.finish(operationId, { ok: true });
       return;

@@ -45,6 +45,8 @@ function trace(effects: readonly SourceEffect[]): string[] {
         return effect.result.ok ? `complete #${effect.operationId}` : `fail #${effect.operationId} ${effect.result.code}`;
       case 'peerNeedsCatchUp':
         return `catchUp ${effect.peer} at ${effect.peerSequence}`;
+      case 'peerAhead':
+        return `ahead ${effect.peer} at ${effect.peerSequence}`;
       case 'refused':
         return `refused ${effect.code}`;
     }

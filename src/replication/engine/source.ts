@@ -129,6 +129,12 @@ export type SourceEffect =
    * is new): live resending cannot bring it back; it needs the catch-up path (a later issue).
    */
   | { readonly kind: 'peerNeedsCatchUp'; readonly peer: string; readonly peerSequence: number; readonly retainedFromSequence: number }
+  /**
+   * `peer`'s first ACK since link news places this source's stream at `peerSequence`, beyond
+   * `lastSequence`: entries this node sent were lost from its log (a crash). The shell must
+   * void those numbers (skipTo) and reconcile what the entries wrote (a catch-up).
+   */
+  | { readonly kind: 'peerAhead'; readonly peer: string; readonly peerSequence: number; readonly lastSequence: number }
   /** A message was refused (stale epoch, or a sequence this source never sent): for the log. */
   | { readonly kind: 'refused'; readonly peer: string; readonly code: ErrorCode; readonly reason: string };
 
@@ -319,6 +325,34 @@ export class ReplicationSource {
     return effects;
   }
 
+  /**
+   * Voids the sequences up to `sequence` (peerAhead): the local log has been padded to it and
+   * synced. Every pending operation fails (none was acknowledged, and members may hold other
+   * entries under their numbers), the resend window empties, and every member's stream
+   * restarts at this floor (a member below it rebases on the next WRITE).
+   */
+  skipTo(sequence: number): SourceEffect[] {
+    assert(Number.isSafeInteger(sequence) && sequence > this.lastSeq, `skipTo(${sequence}) is not beyond the last sequence ${this.lastSeq}`);
+    const failure: OperationResult = { ok: false, code: 'NBD_EIO', message: `volume ${this.volume}: ${this.self} lost entries its peers hold (a crash); its writes since are void and it catches up` };
+    for (const pending of this.pendingWrites.values()) pending.failure = failure;
+    const effects: SourceEffect[] = this.pendingFlushes.splice(0).map((flush) => ({ kind: 'complete', operationId: flush.operationId, result: failure }) as const);
+    this.lastSeq = sequence;
+    this.retained = [];
+    this.retainedHead = 0;
+    this.retainedBytes = 0;
+    this.localSyncedSeq = Math.max(this.localSyncedSeq, sequence);
+    this.localSyncRequestedSeq = Math.max(this.localSyncRequestedSeq, sequence);
+    for (const state of this.peers.values()) {
+      state.joinFloor = sequence;
+      state.ackedSeq = sequence;
+      state.syncAckedSeq = sequence;
+      state.checkpointAckedSeq = sequence;
+      this.unposition(state);
+    }
+    effects.push(...this.progress());
+    return effects;
+  }
+
   write(write: ClientWrite): SourceEffect[] {
     assert(Number.isSafeInteger(write.offset) && write.offset >= 0, 'write offset must be a non-negative integer');
     assert(Number.isSafeInteger(write.lengthBytes) && write.lengthBytes >= 1, 'write length must be positive');
@@ -355,6 +389,10 @@ export class ReplicationSource {
     }
     if (state === undefined) return []; // not (or no longer) a member: its word does not count
     if (message.sequence > this.lastSeq) {
+      // A peer placing our stream beyond our log holds entries this node sent and then lost
+      // (a crash between the send and the local append: both go out in parallel). Those numbers
+      // must never be given to other entries: the shell skips past them (skipTo).
+      if (message.type === 'ACK' && !state.positioned) return [{ kind: 'peerAhead', peer, peerSequence: message.sequence, lastSequence: this.lastSeq }];
       return [{ kind: 'refused', peer, code: 'REPL_BAD_FRAME', reason: `${message.type}(${message.sequence}) beyond the last sequence ${this.lastSeq}` }];
     }
     const effects: SourceEffect[] = [];
