@@ -9,43 +9,14 @@ import type { VolumeRecord } from '../cluster/coordinator.js';
 import { MirrorsanError, isMirrorsanError } from '../errors.js';
 import { StaticExportRegistry } from '../nbd/registry.js';
 import { NbdServer } from '../nbd/server.js';
-import type { PeerMessage } from '../replication/peer-link.js';
 import { createMemoryLogger } from '../util/log.js';
 import { DisklessVolume } from './diskless-volume.js';
-import { ReplicatedVolume, type ReplicaTransport } from './replicated-volume.js';
+import { LOOP_NODES, openLoopCluster, readBytes, withTimeout } from './replica-loop.js';
+import { ReplicatedVolume } from './replicated-volume.js';
 
 const SIZE_BYTES = 4 * 1024 * 1024;
-const NODES = ['n1', 'n2', 'n3'] as const;
+const NODES = LOOP_NODES;
 const BLOCK_BYTES = 64 * 1024;
-
-/** FIFO delivery per ordered pair, one event-loop turn later. */
-class Loop {
-  readonly volumes = new Map<string, ReplicatedVolume>();
-  private timer: NodeJS.Timeout | undefined;
-  transport(self: string): ReplicaTransport {
-    const deliver = (to: string, message: PeerMessage): boolean => {
-      if (!this.volumes.has(to) || !this.volumes.has(self)) return false;
-      setImmediate(() => this.volumes.get(to)?.receive(self, message));
-      return true;
-    };
-    return { sendToPeer: deliver, answerSource: deliver, resetInbound: () => undefined };
-  }
-  connectAll(): void {
-    for (const a of NODES) for (const b of NODES) if (a !== b) {
-      this.volumes.get(a)!.outboundUp(b);
-      this.volumes.get(b)!.inboundUp(a);
-    }
-    this.timer = setInterval(() => {
-      const now = Math.floor(performance.now());
-      for (const volume of this.volumes.values()) volume.tick(now);
-    }, 20);
-  }
-  async close(): Promise<void> {
-    clearInterval(this.timer);
-    for (const volume of this.volumes.values()) await volume.close();
-    this.volumes.clear();
-  }
-}
 
 function pattern(seed: number, lengthBytes = BLOCK_BYTES): Buffer {
   const data = Buffer.alloc(lengthBytes);
@@ -53,46 +24,34 @@ function pattern(seed: number, lengthBytes = BLOCK_BYTES): Buffer {
   return data;
 }
 
-async function readBytes(volume: { read(offset: number, length: number): Promise<{ kind: string; data?: Buffer; length?: number }[]> }, offset: number, length: number): Promise<Buffer> {
-  const pieces = await volume.read(offset, length);
-  return Buffer.concat(pieces.map((piece) => (piece.kind === 'data' ? piece.data! : Buffer.alloc(piece.length!))));
-}
 
-function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  return Promise.race([promise, new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer in ${ms} ms`)), ms).unref())]);
-}
 
 test('a disk failure under load: the export forwards to an in-sync peer after n1 synced its stream on the peers and left the in-sync set', async (t) => {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'diskless-volume-'));
-  const loop = new Loop();
   const log = createMemoryLogger();
   let record: VolumeRecord = { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1', updatedAtMs: 0 };
   let failImage = false;
   const disklessCalls: MirrorsanError[] = [];
   let frontEnd: DisklessVolume | undefined;
-  for (const self of NODES) {
-    const volume = await ReplicatedVolume.open({
-      name: 'vol',
-      sizeBytes: SIZE_BYTES,
-      dir: path.join(root, self),
-      self,
+  const loop = await openLoopCluster(
+    root,
+    SIZE_BYTES,
+    (self, cluster) => ({
       membership: record,
-      transport: loop.transport(self),
-      logger: log.child(self),
       regionSizeBytes: 1024 * 1024,
       ...(self === 'n1'
         ? {
             faults: { failImageWrites: () => (failImage ? 'EIO' : false) },
             onDiskFailure: (failure: MirrorsanError) => {
               disklessCalls.push(failure);
-              frontEnd?.diskFailed(loop.volumes.get('n1') ?? volume, failure);
+              const n1 = cluster.volumes.get('n1');
+              if (n1) frontEnd?.diskFailed(n1, failure);
             },
           }
         : {}),
-    });
-    loop.volumes.set(self, volume);
-  }
-  loop.connectAll();
+    }),
+    log,
+  );
   const n1 = loop.volumes.get('n1')!;
   const n2 = loop.volumes.get('n2')!;
   const n3 = loop.volumes.get('n3')!;

@@ -5,88 +5,15 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { isMirrorsanError } from '../errors.js';
-import type { PeerMessage } from '../replication/peer-link.js';
 import { createLogger } from '../util/log.js';
-import { ReplicatedVolume, type ReplicaTransport } from './replicated-volume.js';
+import { LOOP_NODES, Loop, openLoopCluster, readBytes, withTimeout } from './replica-loop.js';
+import { ReplicatedVolume } from './replicated-volume.js';
 
 const SIZE_BYTES = 1024 * 1024;
-const NODES = ['n1', 'n2', 'n3'] as const;
+const NODES = LOOP_NODES;
 
-/** FIFO delivery per ordered pair, one event-loop turn later; a pair can be cut and healed. */
-class Loop {
-  readonly volumes = new Map<string, ReplicatedVolume>();
-  private readonly cut = new Set<string>();
-  private timer: NodeJS.Timeout | undefined;
-
-  transport(self: string): ReplicaTransport {
-    const deliver = (to: string, message: PeerMessage): boolean => {
-      if (this.cut.has(`${self}>${to}`)) return false;
-      setImmediate(() => {
-        if (!this.cut.has(`${self}>${to}`)) this.volumes.get(to)?.receive(self, message);
-      });
-      return true;
-    };
-    return { sendToPeer: deliver, answerSource: deliver, resetInbound: () => undefined };
-  }
-
-  start(): void {
-    for (const a of NODES) for (const b of NODES) if (a !== b) this.up(a, b);
-    this.timer = setInterval(() => {
-      const now = Math.floor(performance.now());
-      for (const volume of this.volumes.values()) volume.tick(now);
-    }, 20);
-  }
-
-  private up(a: string, b: string): void {
-    this.volumes.get(a)!.outboundUp(b);
-    this.volumes.get(b)!.inboundUp(a);
-  }
-
-  sever(a: string, b: string): void {
-    this.cut.add(`${a}>${b}`).add(`${b}>${a}`);
-    this.volumes.get(a)!.outboundDown(b);
-    this.volumes.get(b)!.outboundDown(a);
-  }
-
-  heal(a: string, b: string): void {
-    this.cut.delete(`${a}>${b}`);
-    this.cut.delete(`${b}>${a}`);
-    this.up(a, b);
-    this.up(b, a);
-  }
-
-  async close(): Promise<void> {
-    clearInterval(this.timer);
-    for (const volume of this.volumes.values()) await volume.close();
-  }
-}
-
-async function openCluster(root: string): Promise<Loop> {
-  const loop = new Loop();
-  const logger = createLogger({ level: 'error' });
-  for (const self of NODES) {
-    const volume = await ReplicatedVolume.open({
-      name: 'vol',
-      sizeBytes: SIZE_BYTES,
-      dir: path.join(root, self),
-      self,
-      membership: { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' },
-      transport: loop.transport(self),
-      logger: logger.child(self),
-    });
-    loop.volumes.set(self, volume);
-  }
-  loop.start();
-  return loop;
-}
-
-async function readBytes(volume: ReplicatedVolume, offset: number, length: number): Promise<Buffer> {
-  const pieces = await volume.read(offset, length);
-  return Buffer.concat(pieces.map((piece) => (piece.kind === 'data' ? piece.data : Buffer.alloc(piece.length))));
-}
-
-function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  return Promise.race([promise, new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer in ${ms} ms`)), ms).unref())]);
+function openCluster(root: string): Promise<Loop> {
+  return openLoopCluster(root, SIZE_BYTES);
 }
 
 /**

@@ -7,113 +7,25 @@ import path from 'node:path';
 import { ENTRY_TYPE } from '../journal/entry.js';
 import { createLogger } from '../util/log.js';
 import type { PeerMessage } from '../replication/peer-link.js';
+import { LOOP_NODES, Loop, openLoopCluster, readBytes, withTimeout } from './replica-loop.js';
 import { ReplicatedVolume, type ReplicaMembership, type ReplicaTransport, type ReplicatedVolumeOptions } from './replicated-volume.js';
 
 const SIZE_BYTES = 4 * 1024 * 1024;
-const NODES = ['n1', 'n2', 'n3'] as const;
+const NODES = LOOP_NODES;
 
-/** FIFO delivery per ordered pair, one event-loop turn later; links can be cut and restored. */
-class Loop {
-  readonly volumes = new Map<string, ReplicatedVolume>();
-  private readonly cut = new Set<string>();
-  private timer: NodeJS.Timeout | undefined;
-
-  transport(self: string): ReplicaTransport {
-    const deliver = (to: string, message: PeerMessage): boolean => {
-      if (this.cut.has(pairKey(self, to))) return false;
-      setImmediate(() => {
-        if (this.cut.has(pairKey(self, to))) return;
-        this.volumes.get(to)?.receive(self, message);
-      });
-      return true;
-    };
-    // A redial: the link goes down and up again, and the peer's target re-announces its position.
-    const resetOutbound = (peer: string): void => {
-      setImmediate(() => {
-        if (this.cut.has(pairKey(self, peer)) || !this.volumes.has(peer) || !this.volumes.has(self)) return;
-        this.volumes.get(self)!.outboundDown(peer);
-        this.up(self, peer);
-      });
-    };
-    return { sendToPeer: deliver, answerSource: deliver, resetInbound: () => undefined, resetOutbound };
-  }
-
-  /** Both connections between every pair come up (dialer side first, as over TCP). */
-  connectAll(): void {
-    for (const a of NODES) for (const b of NODES) if (a !== b) this.up(a, b);
-    this.timer = setInterval(() => {
-      const now = Math.floor(performance.now());
-      for (const volume of this.volumes.values()) volume.tick(now);
-    }, 20);
-  }
-
-  /** `a`'s connection to `b` (a dialled) comes up. */
-  up(a: string, b: string): void {
-    this.volumes.get(a)!.outboundUp(b);
-    this.volumes.get(b)!.inboundUp(a);
-  }
-
-  sever(a: string, b: string): void {
-    this.cut.add(pairKey(a, b));
-    this.cut.add(pairKey(b, a));
-    this.volumes.get(a)!.outboundDown(b);
-    this.volumes.get(b)!.outboundDown(a);
-  }
-
-  heal(a: string, b: string): void {
-    this.cut.delete(pairKey(a, b));
-    this.cut.delete(pairKey(b, a));
-    this.up(a, b);
-    this.up(b, a);
-  }
-
-  async close(): Promise<void> {
-    clearInterval(this.timer);
-    for (const volume of this.volumes.values()) await volume.close();
-    this.volumes.clear();
-  }
-}
-
-function pairKey(from: string, to: string): string {
-  return `${from}>${to}`;
-}
-
-async function openCluster(root: string, regionSizeBytes?: number, mode: 'sync' | 'async' = 'sync', catchUp?: (self: string, loop: Loop) => ReplicatedVolumeOptions['catchUp'], sourceLimits: ReplicatedVolumeOptions['sourceLimits'] = {}): Promise<Loop> {
-  const loop = new Loop();
-  const logger = createLogger({ level: 'error' });
-  for (const self of NODES) {
-    const volume = await ReplicatedVolume.open({
-      name: 'vol',
-      sizeBytes: SIZE_BYTES,
-      dir: path.join(root, self),
-      self,
-      membership: { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n1' },
-      transport: loop.transport(self),
-      logger: logger.child(self),
-      sourceLimits: { checkpointIntervalMs: 200, ...sourceLimits },
-      ...(regionSizeBytes ? { regionSizeBytes } : {}),
-      mode,
-      ...(catchUp ? { catchUp: catchUp(self, loop) } : {}),
-    });
-    loop.volumes.set(self, volume);
-  }
-  loop.connectAll();
-  return loop;
-}
-
-async function readBytes(volume: ReplicatedVolume, offset: number, length: number): Promise<Buffer> {
-  const pieces = await volume.read(offset, length);
-  return Buffer.concat(pieces.map((piece) => (piece.kind === 'data' ? piece.data : Buffer.alloc(piece.length))));
+function openCluster(root: string, regionSizeBytes?: number, mode: 'sync' | 'async' = 'sync', catchUp?: (self: string, loop: Loop) => ReplicatedVolumeOptions['catchUp'], sourceLimits: ReplicatedVolumeOptions['sourceLimits'] = {}): Promise<Loop> {
+  return openLoopCluster(root, SIZE_BYTES, (self, loop) => ({
+    sourceLimits: { checkpointIntervalMs: 200, ...sourceLimits },
+    ...(regionSizeBytes ? { regionSizeBytes } : {}),
+    mode,
+    ...(catchUp ? { catchUp: catchUp(self, loop) } : {}),
+  }));
 }
 
 interface PolicingStatus {
   policing: { mode: string; regionsHeldHere: number; arbiter: { regionsHeld: Record<string, number>; awaitingDrained: string[] } | null };
   counters: { releaseSyncs: number; grantsReceived: number };
   fence: string | null;
-}
-
-function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  return Promise.race([promise, new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer in ${ms} ms`)), ms).unref())]);
 }
 
 test('a write through any replica is read back through every other; the grant moves between writers', async (t) => {
@@ -555,9 +467,12 @@ test('[seed 30] a grant released by a completion inside a source batch: its sync
   }
 });
 
-test('[restart] a writer that restarts with a write nobody else received leaves the in-sync set, catches up, and that write is gone everywhere', async (t) => {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
-  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+/**
+ * Three nodes over the loop, with the coordinator played in-process: n1 may leave the in-sync set
+ * to catch up (the CAS its MembershipMonitor would make) and be reopened from its directory, as a
+ * restarted process would.
+ */
+async function restartableCluster(root: string): Promise<{ loop: Loop; reopenN1: () => Promise<ReplicatedVolume>; caughtUp: (volume: ReplicatedVolume, deadlineMs: number) => Promise<void> }> {
   let membership: ReplicaMembership = { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' };
   const everyone = (next: ReplicaMembership): void => {
     membership = next;
@@ -568,11 +483,30 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
       everyone({ ...membership, epoch: membership.epoch + 1, inSync: membership.inSync.filter((node) => node !== 'n1'), catchingUp: ['n1'] });
       return true;
     },
-    caughtUp: async () => {
-      everyone({ epoch: membership.epoch + 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' });
-    },
+    caughtUp: async () => everyone({ epoch: membership.epoch + 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' }),
   });
   const loop = await openCluster(root, 64 * 1024, 'sync', () => hooks());
+  const reopenN1 = async (): Promise<ReplicatedVolume> => {
+    const volume = await ReplicatedVolume.open({
+      name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n1'), self: 'n1', membership, transport: loop.transport('n1'),
+      logger: createLogger({ level: 'error' }), sourceLimits: { checkpointIntervalMs: 200 }, regionSizeBytes: 64 * 1024, catchUp: hooks(),
+    });
+    loop.volumes.set('n1', volume);
+    return volume;
+  };
+  const caughtUp = async (volume: ReplicatedVolume, deadlineMs: number): Promise<void> => {
+    while (volume.replicaState !== 'in-sync' || (volume.status() as { catchUp: { state: string } | null }).catchUp?.state !== 'done') {
+      assert.ok(Date.now() < deadlineMs, `n1 did not catch up: ${volume.replicaState}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  return { loop, reopenN1, caughtUp };
+}
+
+test('[restart] a writer that restarts with a write nobody else received leaves the in-sync set, catches up, and that write is gone everywhere', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const { loop, reopenN1, caughtUp } = await restartableCluster(root);
   const v = (id: string) => loop.volumes.get(id)!;
   try {
     await withTimeout(v('n1').write(0, Buffer.alloc(65536, 1), { fua: true }), 5000, 'a write everyone has');
@@ -585,18 +519,10 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
     const crashed = v('n1');
     loop.volumes.delete('n1'); // nothing reaches it any more: as good as dead
     // It restarts from its directory (its WAL replays the unacknowledged write into its image).
-    const restarted = await ReplicatedVolume.open({
-      name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n1'), self: 'n1', membership, transport: loop.transport('n1'),
-      logger: createLogger({ level: 'error' }), sourceLimits: { checkpointIntervalMs: 200 }, regionSizeBytes: 64 * 1024, catchUp: hooks(),
-    });
-    loop.volumes.set('n1', restarted);
+    const restarted = await reopenN1();
     loop.heal('n1', 'n2');
     loop.heal('n1', 'n3');
-    const deadline = Date.now() + 10_000;
-    while (restarted.replicaState !== 'in-sync' || (restarted.status() as { catchUp: { state: string } | null }).catchUp?.state !== 'done') {
-      assert.ok(Date.now() < deadline, `n1 did not catch up: ${restarted.replicaState}`);
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
+    await caughtUp(restarted, Date.now() + 10_000);
     // Only its own unacknowledged writes (replayed from its log: region 0) were compared.
     const progress = (restarted.status() as { catchUp: { mode: string; bytesPlanned: number } }).catchUp;
     assert.equal(progress.mode, 'dirty-regions');
@@ -613,19 +539,7 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
 test('[restart, lost entries] a writer whose log lost entries a peer holds voids their numbers, catches up against every peer, and the replicas converge', async (t) => {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
   t.after(() => fs.rmSync(root, { recursive: true, force: true }));
-  let membership: ReplicaMembership = { epoch: 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' };
-  const everyone = (next: ReplicaMembership): void => {
-    membership = next;
-    for (const volume of loop.volumes.values()) volume.changeMembership(next);
-  };
-  const hooks = (): ReplicatedVolumeOptions['catchUp'] => ({
-    leave: async () => {
-      everyone({ ...membership, epoch: membership.epoch + 1, inSync: membership.inSync.filter((node) => node !== 'n1'), catchingUp: ['n1'] });
-      return true;
-    },
-    caughtUp: async () => everyone({ epoch: membership.epoch + 1, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' }),
-  });
-  const loop = await openCluster(root, 64 * 1024, 'sync', () => hooks());
+  const { loop, reopenN1, caughtUp } = await restartableCluster(root);
   const v = (id: string) => loop.volumes.get(id)!;
   try {
     await withTimeout(v('n1').write(0, Buffer.alloc(65536, 1), { fua: true }), 5000, 'a write everyone has');
@@ -641,19 +555,12 @@ test('[restart, lost entries] a writer whose log lost entries a peer holds voids
     const crashed = v('n1');
     loop.volumes.delete('n1');
     await crashed.close();
-    const restarted = await ReplicatedVolume.open({
-      name: 'vol', sizeBytes: SIZE_BYTES, dir: path.join(root, 'n1'), self: 'n1', membership, transport: loop.transport('n1'),
-      logger: createLogger({ level: 'error' }), sourceLimits: { checkpointIntervalMs: 200 }, regionSizeBytes: 64 * 1024, catchUp: hooks(),
-    });
-    loop.volumes.set('n1', restarted);
+    const restarted = await reopenN1();
     for (const peer of ['n2', 'n3']) {
       loop.up('n1', peer);
       loop.up(peer, 'n1');
     }
-    while (restarted.replicaState !== 'in-sync' || (restarted.status() as { catchUp: { state: string } | null }).catchUp?.state !== 'done') {
-      assert.ok(Date.now() < deadline + 10_000, `n1 did not catch up: ${restarted.replicaState}`);
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
+    await caughtUp(restarted, deadline + 10_000);
     const progress = (restarted.status() as { catchUp: { mode: string; fullReason: string; chunksPeersDisagreed: number } }).catchUp;
     assert.equal(progress.mode, 'full');
     assert.ok(progress.chunksPeersDisagreed >= 1, 'n2 and n3 disagreed on the orphan\'s chunk');
