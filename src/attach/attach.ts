@@ -60,8 +60,9 @@ import * as net from 'node:net';
 import { MirrorsanError, assert, type ErrorCode } from '../errors.js';
 import { NbdClient, NbdClientError, type NbdTarget } from '../nbd/client.js';
 import { ERRNO } from '../nbd/protocol.js';
+import { ForwardingBlockDevice, issueOperation, type Operation } from '../nbd/forwarded-operation.js';
 import type { Logger } from '../util/log.js';
-import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from '../volume/device.js';
+import type { BlockDevice, DeviceGeometry } from '../volume/device.js';
 
 export interface FailoverDeviceOptions {
   /** Export name on the nodes (the volume); also this device's export name. */
@@ -155,14 +156,6 @@ const CODE_BY_NBD_ERRNO = new Map<number, ErrorCode>([
   [ERRNO.ENOTSUP, 'NBD_ENOTSUP'],
 ]);
 
-type Operation =
-  | { kind: 'read'; offset: number; length: number }
-  | { kind: 'write'; offset: number; data: Buffer; fua: boolean }
-  | { kind: 'zero'; offset: number; length: number; options: ZeroOptions }
-  | { kind: 'trim'; offset: number; length: number; fua: boolean }
-  | { kind: 'flush' }
-  | { kind: 'cache'; offset: number; length: number };
-
 interface Request {
   readonly seq: number;
   readonly operation: Operation;
@@ -177,7 +170,7 @@ export function describeTarget(target: NbdTarget): string {
   return 'path' in target ? `unix:${target.path}` : `${target.host.includes(':') ? `[${target.host}]` : target.host}:${target.port}`;
 }
 
-export class FailoverDevice implements BlockDevice {
+export class FailoverDevice extends ForwardingBlockDevice implements BlockDevice {
   readonly name: string;
   readonly description: string;
   private readonly nodes: readonly NbdTarget[];
@@ -217,6 +210,7 @@ export class FailoverDevice implements BlockDevice {
   private readonly counters = { failovers: 0, replayed: 0, pauseMsLast: 0, failedRequests: 0, stalls: 0, notServing: 0 };
 
   private constructor(options: FailoverDeviceOptions, resolved: Readonly<FailoverTuning>, first: Connected) {
+    super();
     this.name = options.name;
     this.nodes = options.nodes;
     this.log = options.logger;
@@ -285,41 +279,6 @@ export class FailoverDevice implements BlockDevice {
     };
   }
 
-  async read(offset: number, length: number): Promise<ReadPiece[]> {
-    const data = await this.submit({ kind: 'read', offset, length });
-    assert(data !== undefined && data.length === length, 'a READ answered without its data');
-    // Holes are not worth a BLOCK_STATUS round trip here: the client asked for the bytes.
-    return [{ offset, kind: 'data', data }];
-  }
-
-  async write(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
-    await this.submit({ kind: 'write', offset, data, fua: options.fua });
-  }
-
-  async writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
-    await this.submit({ kind: 'zero', offset, length, options });
-  }
-
-  async trim(offset: number, length: number, options: WriteOptions): Promise<void> {
-    await this.submit({ kind: 'trim', offset, length, fua: options.fua });
-  }
-
-  async flush(): Promise<void> {
-    await this.submit({ kind: 'flush' });
-  }
-
-  async cache(offset: number, length: number): Promise<void> {
-    await this.submit({ kind: 'cache', offset, length });
-  }
-
-  /**
-   * The BlockDevice contract makes block status synchronous, so it cannot be asked of the node:
-   * report the range as allocated data, which is always true enough (clients then read what
-   * they would otherwise skip; nothing reads wrong).
-   */
-  blockStatus(offset: number, length: number): Extent[] {
-    return [{ offset, length, hole: false, zero: false }];
-  }
 
   /** Fails whatever is pending with ESHUTDOWN and disconnects from the node. */
   async close(): Promise<void> {
@@ -338,7 +297,7 @@ export class FailoverDevice implements BlockDevice {
   // ---------------------------------------------------------------------------------------------
   // Requests
 
-  private submit(operation: Operation): Promise<Buffer | undefined> {
+  protected submit(operation: Operation): Promise<Buffer | undefined> {
     if (this.stateValue === 'closed') return Promise.reject(new MirrorsanError('NBD_SHUTDOWN', 'mirrorsan attach is shutting down'));
     if (this.stateValue === 'down') {
       return Promise.reject(new MirrorsanError('NBD_EIO', `no node serving ${this.name} came back within ${this.failoverTimeoutMs} ms`));
@@ -366,34 +325,10 @@ export class FailoverDevice implements BlockDevice {
     const generation = this.generation;
     request.sentGeneration = generation;
     this.watchProgress();
-    this.issue(this.client, request.operation).then(
+    issueOperation(this.client, request.operation).then(
       (value) => this.answered(request, generation, value),
       (error: unknown) => this.failed(request, generation, error),
     );
-  }
-
-  private issue(client: NbdClient, operation: Operation): Promise<Buffer | undefined> {
-    switch (operation.kind) {
-      case 'read':
-        return client.read(operation.offset, operation.length);
-      case 'write':
-        return client.write(operation.offset, operation.data, { fua: operation.fua }).then(() => undefined);
-      case 'zero':
-        // [NBD: NBD_CMD_FLAG_FAST_ZERO] a node that cannot zero fast says so without trying.
-        if (operation.options.fastZero && !client.canFastZero) {
-          return Promise.reject(new NbdClientError('the node cannot zero fast', { nbdError: ERRNO.ENOTSUP }));
-        }
-        return client
-          .writeZeroes(operation.offset, operation.length, { fua: operation.options.fua, noHole: !operation.options.mayTrim, fastZero: operation.options.fastZero })
-          .then(() => undefined);
-      case 'trim':
-        return client.trim(operation.offset, operation.length, { fua: operation.fua }).then(() => undefined);
-      case 'flush':
-        return client.flush().then(() => undefined);
-      case 'cache':
-        // A hint: a node that does not take it loses nothing.
-        return client.canCache ? client.cache(operation.offset, operation.length).then(() => undefined) : Promise.resolve(undefined);
-    }
   }
 
   private answered(request: Request, generation: number, value: Buffer | undefined): void {

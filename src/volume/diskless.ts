@@ -30,8 +30,9 @@
 import { MirrorsanError, assert, type ErrorCode } from '../errors.js';
 import { NbdClient, NbdClientError, type NbdClientTlsOptions, type NbdTarget } from '../nbd/client.js';
 import { ERRNO } from '../nbd/protocol.js';
+import { ForwardingBlockDevice, issueOperation, type Operation } from '../nbd/forwarded-operation.js';
 import type { Logger } from '../util/log.js';
-import type { BlockDevice, DeviceGeometry, Extent, ReadPiece, WriteOptions, ZeroOptions } from './device.js';
+import type { BlockDevice, DeviceGeometry } from './device.js';
 
 /** An in-sync peer's NBD export, as the caller knows it now. */
 export interface ForwardTarget {
@@ -105,14 +106,6 @@ export interface ForwardStats {
   lastError: string | null;
 }
 
-type Operation =
-  | { kind: 'read'; offset: number; length: number }
-  | { kind: 'write'; offset: number; data: Buffer; fua: boolean }
-  | { kind: 'zero'; offset: number; length: number; options: ZeroOptions }
-  | { kind: 'trim'; offset: number; length: number; fua: boolean }
-  | { kind: 'flush' }
-  | { kind: 'cache'; offset: number; length: number };
-
 interface Request {
   readonly seq: number;
   readonly operation: Operation;
@@ -166,7 +159,7 @@ const CODE_BY_NBD_ERRNO = new Map<number, ErrorCode>([
   [ERRNO.ENOTSUP, 'NBD_ENOTSUP'],
 ]);
 
-export class ForwardingDevice implements BlockDevice {
+export class ForwardingDevice extends ForwardingBlockDevice implements BlockDevice {
   readonly name: string;
   readonly description: string;
   private readonly geometryValue: DeviceGeometry;
@@ -199,6 +192,7 @@ export class ForwardingDevice implements BlockDevice {
   private lastError: string | undefined;
 
   constructor(options: ForwardingDeviceOptions) {
+    super();
     this.tuning = resolveTuning(options);
     this.name = options.name;
     this.description = options.description ?? `${options.name} (diskless: forwarded to an in-sync peer)`;
@@ -238,40 +232,6 @@ export class ForwardingDevice implements BlockDevice {
     };
   }
 
-  async read(offset: number, length: number): Promise<ReadPiece[]> {
-    const data = await this.submit({ kind: 'read', offset, length });
-    assert(data !== undefined && data.length === length, 'a forwarded READ answered without its data');
-    return [{ offset, kind: 'data', data }];
-  }
-
-  async write(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
-    await this.submit({ kind: 'write', offset, data, fua: options.fua });
-  }
-
-  async writeZeroes(offset: number, length: number, options: ZeroOptions): Promise<void> {
-    await this.submit({ kind: 'zero', offset, length, options });
-  }
-
-  async trim(offset: number, length: number, options: WriteOptions): Promise<void> {
-    await this.submit({ kind: 'trim', offset, length, fua: options.fua });
-  }
-
-  async flush(): Promise<void> {
-    await this.submit({ kind: 'flush' });
-  }
-
-  async cache(offset: number, length: number): Promise<void> {
-    await this.submit({ kind: 'cache', offset, length });
-  }
-
-  /**
-   * Synchronous by contract, so the peer cannot be asked: the range is reported as allocated
-   * data, which is always true enough (a client reads what it could have skipped).
-   */
-  blockStatus(offset: number, length: number): Extent[] {
-    return [{ offset, length: Math.max(1, Math.min(length, this.geometryValue.sizeBytes - offset)), hole: false, zero: false }];
-  }
-
   /** Resolves once every request that arrived so far has been answered (or failed). */
   drain(): Promise<void> {
     if (this.pending.size === 0 && this.waiting.length === 0) return Promise.resolve();
@@ -295,7 +255,7 @@ export class ForwardingDevice implements BlockDevice {
 
   // ---- requests ------------------------------------------------------------------------------
 
-  private submit(operation: Operation): Promise<Buffer | undefined> {
+  protected submit(operation: Operation): Promise<Buffer | undefined> {
     if (this.closed) return Promise.reject(new MirrorsanError('NBD_SHUTDOWN', `volume ${this.name}: forwarding stopped`));
     if (this.waiting.length >= this.tuning.requestsWaitingMax) {
       return Promise.reject(new MirrorsanError('VOLUME_BUSY', `volume ${this.name}: ${this.waiting.length} forwarded requests already wait`));
@@ -373,30 +333,10 @@ export class ForwardingDevice implements BlockDevice {
   private send(connection: Connection, request: Request): void {
     request.sentGeneration = connection.generation;
     connection.inFlight.add(request.seq);
-    this.issue(connection.client, request.operation).then(
+    issueOperation(connection.client, request.operation).then(
       (value) => this.answered(connection, request, value),
       (error: unknown) => this.failed(connection, request, error),
     );
-  }
-
-  private issue(client: NbdClient, operation: Operation): Promise<Buffer | undefined> {
-    switch (operation.kind) {
-      case 'read':
-        return client.read(operation.offset, operation.length);
-      case 'write':
-        return client.write(operation.offset, operation.data, { fua: operation.fua }).then(() => undefined);
-      case 'zero':
-        return client
-          .writeZeroes(operation.offset, operation.length, { fua: operation.options.fua, noHole: !operation.options.mayTrim, fastZero: operation.options.fastZero })
-          .then(() => undefined);
-      case 'trim':
-        return client.trim(operation.offset, operation.length, { fua: operation.fua }).then(() => undefined);
-      case 'flush':
-        return client.flush().then(() => undefined);
-      case 'cache':
-        // A hint: a peer that does not take it loses nothing.
-        return client.canCache ? client.cache(operation.offset, operation.length).then(() => undefined) : Promise.resolve(undefined);
-    }
   }
 
   private answered(connection: Connection, request: Request, value: Buffer | undefined): void {

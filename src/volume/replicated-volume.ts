@@ -56,7 +56,7 @@ import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { writeFileDurable } from '../store/file-io.js';
 import { CoalescedRun } from '../util/coalesced-run.js';
-import { CATCH_UP_CHUNK_BYTES_MAX, CatchUpDriver, digestChunks, type CatchUpPeerAccess, type CatchUpPlanResult, type CatchUpProgress } from './catch-up.js';
+import { CATCH_UP_CHUNK_BYTES_MAX, CatchUpDriver, digestChunks, type CatchUpPeerAccess, type CatchUpPlanResult } from './catch-up.js';
 import { DirtyRegionTracker, decodeDirtyAnswer, dirtyChunkBytes, encodeDirtyAnswer, type DirtyAnswer } from './dirty-regions.js';
 import { ReplicaStore } from './replica-store.js';
 
