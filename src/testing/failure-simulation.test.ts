@@ -27,6 +27,7 @@ test('500 seeds: I1 to I5 and liveness under crashes, power loss, torn, lost and
   assert.ok(at('removals') > 300 && at('joins') > 300 && at('promotions') > 500 && at('leaves') > 200 && at('rejoins') > 1500, summary);
   assert.ok(at('catchUpsCompleted') > 500 && at('repairsCompleted') > 300 && at('chunksCopied') > 1000 && at('chunksRewritten') > 100, summary);
   assert.ok(at('replayedEntries') > 500 && at('replayCuts') > 30 && at('tornWrites') > 30 && at('lostWrites') > 10 && at('rots') > 10 && at('refusedCorrupt') > 0, summary);
+  assert.ok(at('lostSequenceSkips') > 30, summary);
   assert.ok(at('fencedRefusals') > 10_000 && at('staleFramesRefused') > 1000 && at('excusedWrites') > 0 && at('writesFailed') > 0, summary);
   assert.ok(at('twoReplicaRuns') > 80 && at('twoReplicaRuns') < 180 && profiles.size === 5, summary);
 });
@@ -80,10 +81,78 @@ test('a replay that applies a torn or rotted log entry instead of cutting it is 
 // Each is described where FailureFlaw is declared (failure-simulation.ts). The shell behaves as
 // the fix would; `asBuilt` replays production, and the checker named here catches it at the seed.
 const FLAW_SEEDS: ReadonlyArray<{ flaw: FailureFlaw; seed: number; expected: RegExp; what: string }> = [
-  { flaw: 'completePendingOnJoin', seed: 4, expected: /I1 violated: write \d+ acknowledged by n\d at epoch \d+, but the in-sync member n\d never applied it/, what: 'a write pending when its node joins catching-up completes though no in-sync member has it' },
-  { flaw: 'restartRejoinsInSync', seed: 774, expected: /I3 violated: read of block \d+ on n\d .* a stale read/, what: 'a node restarted after a crash rejoins in sync and serves a read that misses an acknowledged write' },
-  { flaw: 'catchUpWithoutBarrier', seed: 88, expected: /I4 violated: replicas differ at quiescence/, what: 'a catch-up walk compares a chunk before a write admitted before the join reached its truth' },
-  { flaw: 'acknowledgeAfterLeaseLoss', seed: 23, expected: /I2 violated: n\d acknowledges write \d+ while outside the in-sync set of epoch \d+ and without a live lease/, what: 'a removed node without a lease acknowledges a write its members re-announced' },
+  {
+    flaw: 'completePendingOnJoin',
+    seed: 3,
+    expected: /I1 violated: write \d+ acknowledged by n\d at epoch \d+, but the in-sync member n\d never applied it/,
+    what: 'a write pending when its node joins catching-up completes though an in-sync member never got it',
+  },
+  {
+    flaw: 'admitWhileOutOfSync',
+    seed: 11,
+    expected: /I3 violated: a copy applied on an in-sync replica of block \d+ .* a stale read/,
+    what: 'a client write that waited for its grant while its node left the in-sync set runs next to a catch-up copy, which overwrites it',
+  },
+  {
+    flaw: 'restartRejoinsInSync',
+    seed: 35,
+    expected: /I3 violated: read of block \d+ on n\d .* a stale read/,
+    what: 'a node restarted after a crash rejoins in sync and serves a read that misses an acknowledged write',
+  },
+  {
+    flaw: 'sequenceFromLog',
+    seed: 14,
+    expected: /missed its deadline/,
+    what: 'a writer whose log lost entries its peers hold refuses their ACKs and never streams again',
+  },
+  {
+    flaw: 'catchUpWithoutBarrier',
+    seed: 168,
+    expected: /I4 violated: replicas differ at quiescence/,
+    what: 'a catch-up walk compares a chunk before a write admitted before the join reached its truth',
+  },
+  {
+    flaw: 'noRepairAfterLoss',
+    seed: 58,
+    expected: /I4 violated: replicas differ at quiescence/,
+    what: 'a node removed with writes in flight leaves the survivors different',
+  },
+  {
+    flaw: 'acknowledgeAfterLeaseLoss',
+    seed: 76,
+    expected: /I2 violated: n\d acknowledges write \d+ while outside the in-sync set of epoch \d+ and without a live lease/,
+    what: 'a removed node without a lease acknowledges a write its members re-announced',
+  },
+  {
+    flaw: 'catchingUpKeepsGrants',
+    seed: 1344,
+    expected: /missed its deadline/,
+    what: 'a catching-up member restarts under the same epoch; the grants and floors of its previous incarnation stall the volume',
+  },
+  {
+    flaw: 'strandPeersWhileCatchingUp',
+    seed: 783,
+    expected: /missed its deadline/,
+    what: 'a catching-up writer strands a peer that came back on a replaced disk; its copies never complete',
+  },
+  {
+    flaw: 'appliesFramesOfUnknownEpochs',
+    seed: 3824,
+    expected: /I2 violated: n\d applies n\d's entry \d+ from a frame of epoch \d+, at which n\d is no stream member/,
+    what: 'a member that has not learned an epoch applies a frame of it from a node that epoch removed',
+  },
+  {
+    flaw: 'drainedWithoutSync',
+    seed: 14312,
+    expected: /I3 violated: .* a stale read/,
+    what: "an epoch change hands grants over before the old epoch's writes are durable; a resend lands on the last in-sync member after a newer write",
+  },
+  {
+    flaw: 'sequencesDuringSkip',
+    seed: 5225,
+    expected: /store sequence \d+ differs from the source's \d+/,
+    what: 'the last in-sync member goes on sequencing client writes while it voids the sequence numbers its log lost',
+  },
 ];
 
 for (const { flaw, seed, expected, what } of FLAW_SEEDS) {

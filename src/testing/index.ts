@@ -27,6 +27,10 @@ export {
   firstDifference,
 } from './checker.js';
 export type { CheckResult, FlushRecord, ReadRecord, RegisterValue, WriteRecord } from './checker.js';
+export { SimStore, StoreCorruptError, HONEST_STORE_FAULTS, OWN_LOG } from './sim-store.js';
+export type { CrashKind, ReplayedEntry, SimStoreOptions, SourceRecovery, StoreFaults, StoreRecovery } from './sim-store.js';
+export { SimCoordinator, COORDINATOR, classifyRecordChange } from './sim-coordinator.js';
+export type { CoordinatorReply, CoordinatorReplyBody, CoordinatorRequest, CoordinatorRequestBody, RecordChangeKind, SimCoordinatorOptions } from './sim-coordinator.js';
 export { runSeeds, resolveSeeds, SimulationFailure } from './seeds.js';
 export type { RunSeedsOptions, RunSeedsResult, SeedRun } from './seeds.js';
 // The worked example: a replicated register run through all of the above (see its header).

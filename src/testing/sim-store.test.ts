@@ -1,4 +1,4 @@
-// Proves the failure simulation's store model (sim-store.ts): what a process crash and a power loss leave of the image, the own WAL and the containers; that a checkpoint and a rebase are what replay starts from; that replay verifies every entry's CRCs, cuts a torn or rotted tail and refuses a log with a bad entry followed by valid ones; that the 'applyCorruptEntries' bug switch applies such an entry; and that the own-sequence reservation makes recovery start past every sequence ever used.
+// Proves the failure simulation's store model (sim-store.ts): what a process crash and a power loss leave of the image, the own WAL and the containers; that a checkpoint and a rebase are what replay starts from; that replay verifies every entry's CRCs, cuts a torn or rotted tail and refuses a log with a bad entry followed by valid ones; and that the 'applyCorruptEntries' bug switch applies such an entry.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Prng } from './prng.js';
@@ -7,7 +7,7 @@ import { HONEST_STORE_FAULTS, OWN_LOG, SimStore, StoreCorruptError, type Replaye
 
 const BLOCK = 512;
 
-function setup(options: { faults?: Partial<StoreFaults>; seed?: number; applyCorruptEntries?: boolean; ownSequenceReservation?: number } = {}): { store: SimStore; scheduler: Scheduler } {
+function setup(options: { faults?: Partial<StoreFaults>; seed?: number; applyCorruptEntries?: boolean } = {}): { store: SimStore; scheduler: Scheduler } {
   const scheduler = new Scheduler({ seed: options.seed ?? 1 });
   const store = new SimStore({
     node: 'n1',
@@ -19,7 +19,6 @@ function setup(options: { faults?: Partial<StoreFaults>; seed?: number; applyCor
     ioDelayMsMax: 1,
     ioQueueMax: 1000,
     applyCorruptEntries: options.applyCorruptEntries ?? false,
-    ownSequenceReservation: options.ownSequenceReservation ?? 0,
   });
   store.openStore(() => undefined);
   return { store, scheduler };
@@ -108,6 +107,21 @@ test('a checkpoint syncs the image and empties the logs it covers; replay starts
   assert.deepEqual(recovery.sources.get('n2'), { durableSequence: 1, checkpointSequence: 1 });
 });
 
+test('what replay applied becomes durable with the next checkpoint, which drops the logs that held it', () => {
+  const { store, scheduler } = setup();
+  store.writeLocal(0, block(1), () => undefined);
+  store.flushLocal(() => undefined);
+  settle(scheduler);
+  store.crash('power');
+  assert.deepEqual(reopen(store).replayed.map((entry) => entry.sequence), [1]);
+  store.checkpoint(() => undefined);
+  settle(scheduler);
+  store.crash('power');
+  const { replayed } = reopen(store);
+  assert.deepEqual(replayed, [], 'the checkpoint covers it');
+  assert.equal(store.read(0, BLOCK)[0], 1, 'and the image holds it');
+});
+
 test('a rebase records the new start of a source stream durably', () => {
   const { store, scheduler } = setup();
   store.applyRemote('n2', 1, 0, block(1));
@@ -185,23 +199,6 @@ test("the 'applyCorruptEntries' bug applies a torn entry's bytes", () => {
     return;
   }
   assert.fail('no seed tore the write');
-});
-
-test('with a reservation, recovery resumes past every own sequence ever handed out', () => {
-  const { store, scheduler } = setup({ ownSequenceReservation: 8 });
-  for (let index = 0; index < 3; index++) store.writeLocal(index * BLOCK, block(index + 1), () => undefined);
-  settle(scheduler);
-  store.crash('power'); // nothing synced: the WAL comes back empty
-  const { recovery } = reopen(store);
-  assert.equal(recovery.ownSequence, 8);
-  assert.equal(store.writeLocal(0, block(9), () => undefined), 9, 'the next entry continues after the reservation');
-  store.flushLocal(() => undefined);
-  settle(scheduler);
-  store.crash('power');
-  const again = reopen(store);
-  assert.deepEqual(again.replayed.map((entry) => entry.sequence), [9], 'the WAL continues after the jump without a gap');
-  assert.equal(again.recovery.ownSequence, 16, 'entry 9 took the next block of the reservation (9..16)');
-  assert.equal(store.read(0, BLOCK)[0], 9);
 });
 
 test('a replaced disk is empty', () => {

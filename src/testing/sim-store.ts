@@ -150,13 +150,6 @@ export interface SimStoreOptions {
    * rotted one) instead of cutting it, without looking at its CRCs (breaks I5).
    */
   applyCorruptEntries?: boolean;
-  /**
-   * Own sequences reserved at a time, durably, before any of them is used (0: none, production
-   * as built). After a power loss the own WAL may end below what peers received of this node's
-   * stream; recovery then starts past the reservation (a checkpoint at open records the jump),
-   * so no sequence is ever used twice.
-   */
-  ownSequenceReservation?: number;
 }
 
 const SECTOR_BYTES = 512;
@@ -190,8 +183,6 @@ export class SimStore {
   private kernelImageWrites: ImageWrite[] = [];
   private readonly logs = new Map<string, LogRecord[]>();
   private checkpointRecord: CheckpointRecord;
-  /** Own sequences at or below this may have been used (a small record, written durably before use). */
-  private reservedOwnSequence = 0;
   // ---- the process (lost at a crash) ----
   private isOpen = false;
   private view: Buffer;
@@ -253,29 +244,23 @@ export class SimStore {
     for (const [log, records] of result.kept) this.logs.set(log, records);
     this.stats.cuts += result.recovery.cutLogs.length;
     this.view = Buffer.from(result.image);
+    // Replay writes the entries to the image file (unsynced): the next checkpoint makes them
+    // durable before it drops the logs that hold them.
+    this.kernelImageWrites = result.entries.map((entry) => ({ offset: entry.offset, data: entry.payload }));
     this.stamp = result.recovery.lastStamp;
     this.ownSequence = result.recovery.ownSequence;
     this.sourceStates.clear();
     for (const [source, recovered] of result.recovery.sources) this.sourceStates.set(source, { received: recovered.durableSequence, durable: recovered.durableSequence, partition: [] });
     this.isOpen = true;
-    if (this.reservedOwnSequence > this.ownSequence) {
-      // Peers may hold own entries up to the reservation that the WAL lost: start past it. A
-      // checkpoint now (the replayed image synced) lets the WAL continue there without a gap.
-      this.ownSequence = this.reservedOwnSequence;
-      this.platter = Buffer.from(this.view);
-      this.kernelImageWrites = [];
-      const sources = new Map([...result.recovery.sources].map(([source, recovered]) => [source, recovered.durableSequence]));
-      this.checkpointRecord = { stamp: this.stamp, ownSequence: this.ownSequence, sources };
-      for (const log of this.logs.keys()) this.logs.set(log, []);
-      this.scheduler.log(`store ${this.node}: own sequence resumes after the reservation ${this.ownSequence}`);
-      return { ...result.recovery, ownSequence: this.ownSequence, sources: new Map([...result.recovery.sources].map(([source, recovered]) => [source, { durableSequence: recovered.durableSequence, checkpointSequence: recovered.durableSequence }])) };
-    }
     return result.recovery;
   }
 
-  /** What a replay of the disk would give now (the image), without opening: for the I1 checker. */
-  recoverableImage(): Buffer | undefined {
-    const result = this.replay();
+  /**
+   * The image a power loss now would leave after replay if nothing unsynced reached the platter
+   * (checkers only: what FLUSH and FUA must have made durable). Undefined if replay would refuse.
+   */
+  durableImage(): Buffer | undefined {
+    const result = this.replay(true);
     return result.corrupt === undefined ? result.image : undefined;
   }
 
@@ -326,9 +311,6 @@ export class SimStore {
     this.kernelImageWrites = [];
     for (const log of this.logs.keys()) this.logs.set(log, []);
     this.checkpointRecord = { stamp: 0, ownSequence: 0, sources: new Map([...this.checkpointRecord.sources.keys()].map((source) => [source, 0])) };
-    // A new disk does not know the old reservation: the node's peers may be far ahead of its
-    // stream. Production would need the reservation elsewhere (the coordinator); the simulation
-    // keeps it (the node id's stream must never reuse a sequence).
     this.view = Buffer.alloc(this.imageBytes);
     this.scheduler.log(`store ${this.node}: disk replaced (empty)`);
   }
@@ -339,11 +321,6 @@ export class SimStore {
   writeLocal(offset: number, payload: Buffer, done: (sequence: number) => void): number {
     this.checkOpen();
     const sequence = ++this.ownSequence;
-    const reservation = this.options.ownSequenceReservation ?? 0;
-    if (reservation > 0 && sequence > this.reservedOwnSequence) {
-      // Durable before the entry leaves this node (modelled as one atomic write).
-      this.reservedOwnSequence = sequence - 1 + reservation;
-    }
     const stamp = this.register(offset, payload);
     const bytes = this.encode(sequence, stamp, offset, payload);
     this.enqueue(() => {
@@ -548,8 +525,8 @@ export class SimStore {
     this.scheduler.log(`store ${this.node}: rot in ${log} record ${record.sequence} at byte ${at}`);
   }
 
-  /** Replay as ReplicaStore.open does it, over the platter; changes nothing. */
-  private replay(): ReplayResult {
+  /** Replay as ReplicaStore.open does it, over the platter (`syncedOnly`: ignoring unsynced log records); changes nothing. */
+  private replay(syncedOnly = false): ReplayResult {
     const record = this.checkpointRecord;
     const image = Buffer.from(this.platter);
     const kept = new Map<string, LogRecord[]>();
@@ -562,7 +539,7 @@ export class SimStore {
     for (const [log, records] of this.logs) {
       const from = log === OWN_LOG ? record.ownSequence : (record.sources.get(log) ?? 0);
       // Checkpoints drop what they cover; anything left at or below it is skipped by replay.
-      const candidates = records.filter((entry) => entry.sequence > from);
+      const candidates = records.filter((entry) => entry.sequence > from && (!syncedOnly || entry.state === 'platter'));
       const bytes = Buffer.concat(candidates.map((entry) => entry.bytes));
       const decoded = decodeLog(bytes, { firstSequence: from + 1 });
       const valid: LogRecord[] = [];

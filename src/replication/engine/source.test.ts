@@ -4,7 +4,10 @@
 // resent from there; admission is FIFO and bounded (in-flight writes, resend window, async lag,
 // queue length); consistency points are requested on a timer, on window pressure and on flush;
 // membership changes release pending acknowledgements; stale epochs are refused (I2); a
-// catching-up member owes nothing before it joined and its stream starts at its floor.
+// catching-up member owes nothing before it joined and its stream starts at its floor, also one
+// that moves from the in-sync set to catching up; when this node itself starts catching up, what
+// not every member acknowledged fails (queued operations too) and every member's floor moves up;
+// a catching-up node skips a peer that lost entries it no longer holds forward.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ENTRY_TYPE } from '../../journal/entry.js';
@@ -275,4 +278,126 @@ test('a catching-up member owes nothing before it joined, then gets and acknowle
   core.receive('b', ack('ACK', 6, 3));
   assert.deepEqual(trace(core.receive('c', ack('ACK', 6, 3))), [`complete #${next.operationId}`], 'new writes wait for c');
   assert.deepEqual(core.peer('c')?.checkpointAckedSeq, 5);
+});
+
+// ---- found by the failure simulation (src/testing/failure-simulation.ts) ---------------------
+
+test('when this node starts catching up, what its members had not all acknowledged fails, and so does what is still queued', () => {
+  const core = source({ inFlightWritesMax: 2 });
+  const acked = data();
+  core.write(acked);
+  core.localApplied(1);
+  core.receive('b', ack('ACK', 1));
+  assert.deepEqual(trace(core.receive('c', ack('ACK', 1))), [`complete #${acked.operationId}`]);
+  const unacked = data();
+  const inFlight = data();
+  const queued = data();
+  core.write(unacked);
+  core.write(inFlight);
+  core.write(queued); // queued: two writes are in flight
+  const flush = nextOperation++;
+  core.flush(flush); // queued behind it
+  core.localApplied(2);
+  core.localApplied(3);
+  core.receive('b', ack('ACK', 3)); // c never acknowledges 2 or 3
+  // This node left the in-sync set and now joins the catching-up set.
+  const effects = trace(core.setMembership(2, ['b', 'c'], ['a']));
+  for (const operation of [unacked.operationId, inFlight.operationId, queued.operationId, flush]) {
+    assert.ok(effects.includes(`fail #${operation} NBD_EIO`), `#${operation}: ${effects.join(' ')}`);
+  }
+  assert.ok(!effects.some((effect) => effect.startsWith('append')), 'the queued write never takes a sequence number');
+  assert.equal(core.pendingOperations, 0);
+  assert.equal(core.lastSequence, 3);
+});
+
+test("the 'completePendingOnJoin' bug switch completes them instead (the behaviour before the fix)", () => {
+  const core = source({}, { bug: 'completePendingOnJoin' });
+  const unacked = data();
+  core.write(unacked);
+  core.localApplied(1);
+  core.receive('b', ack('ACK', 1));
+  assert.deepEqual(trace(core.setMembership(2, ['b', 'c'], ['a'])), [`complete #${unacked.operationId}`]);
+});
+
+test("when this node starts catching up, every member's floor moves up to its last sequence, also one that joined earlier", () => {
+  const core = source();
+  core.setMembership(2, ['a', 'b'], ['c']); // c joins at floor 0
+  core.write(data());
+  core.localApplied(1);
+  core.receive('b', ack('ACK', 1, 2));
+  // c has not received entry 1. Now this node leaves (to catch up itself): entry 1 is never owed to c.
+  core.setMembership(3, ['b'], ['c', 'a']);
+  for (const peer of ['b', 'c']) {
+    core.linkDown(peer, true);
+    core.linkUp(peer, true);
+  }
+  assert.deepEqual(trace(core.receive('c', ack('ACK', 0, 3))), [], 'positioned at the floor, nothing resent');
+  assert.deepEqual(trace(core.receive('b', ack('ACK', 1, 3))), []);
+  const next = data();
+  assert.deepEqual(trace(core.write(next)), ['append 2', 'b:WRITE 2', 'c:WRITE 2']);
+});
+
+test('a member that moves from the in-sync set to catching up starts at a floor like a new one', () => {
+  const core = source();
+  core.write(data());
+  core.localApplied(1);
+  core.receive('b', ack('ACK', 1));
+  core.receive('c', ack('ACK', 1));
+  core.receive('b', ack('CHECKPOINT_ACK', 1));
+  core.receive('c', ack('CHECKPOINT_ACK', 1)); // the window empties: entry 1 is gone
+  // c restarted with less than it had (its store lost entry 1) and left to catch up.
+  core.setMembership(2, ['a', 'b'], ['c']);
+  core.linkDown('c', true);
+  core.linkUp('c', true);
+  assert.deepEqual(trace(core.receive('c', ack('ACK', 0, 2))), [], 'not stranded below the window: positioned at its floor');
+  const next = data();
+  const sent = core.write(next);
+  const marks = sent.flatMap((effect) => (effect.kind === 'send' && effect.message.type === 'WRITE' ? [`${effect.peer}:${effect.message.restartsStream === true}`] : []));
+  assert.deepEqual(marks, ['b:false', 'c:true']);
+});
+
+test('a catching-up node skips a peer that lost entries it no longer holds forward instead of stranding it; what that peer lacked fails', () => {
+  const core = source();
+  core.setMembership(2, ['b', 'c'], ['a']); // this node catches up
+  for (const peer of ['b', 'c']) {
+    core.linkDown(peer, true);
+    core.linkUp(peer, true);
+    core.receive(peer, ack('ACK', 0, 2));
+  }
+  const copy = data();
+  core.write(copy); // a catch-up copy
+  core.localApplied(1);
+  core.receive('b', ack('CHECKPOINT_ACK', 1, 2));
+  core.receive('c', ack('ACK', 1, 2));
+  const pending = data();
+  core.write(pending);
+  core.localApplied(2);
+  core.receive('b', ack('ACK', 2, 2));
+  core.receive('c', ack('CHECKPOINT_ACK', 2, 2)); // the window empties through 2
+  // b comes back on a replaced disk: its stream stands at 0, below the window.
+  core.linkDown('b', true);
+  core.linkUp('b', true);
+  const effects = trace(core.receive('b', ack('ACK', 0, 2)));
+  assert.ok(!effects.some((effect) => effect.startsWith('catchUp')), effects.join(' '));
+  const next = data();
+  const sent = core.write(next);
+  const marks = sent.flatMap((effect) => (effect.kind === 'send' && effect.message.type === 'WRITE' ? [`${effect.peer}:${effect.message.restartsStream === true}`] : []));
+  assert.deepEqual(marks, ['b:true', 'c:false'], 'b restarts at the next entry');
+});
+
+test("the 'strandPeersWhileCatchingUp' bug switch strands it instead (the behaviour before the fix)", () => {
+  const core = source({}, { bug: 'strandPeersWhileCatchingUp' });
+  core.setMembership(2, ['b', 'c'], ['a']);
+  for (const peer of ['b', 'c']) {
+    core.linkDown(peer, true);
+    core.linkUp(peer, true);
+    core.receive(peer, ack('ACK', 0, 2));
+  }
+  core.write(data());
+  core.localApplied(1);
+  core.receive('b', ack('CHECKPOINT_ACK', 1, 2));
+  core.receive('c', ack('CHECKPOINT_ACK', 1, 2));
+  core.linkDown('b', true);
+  core.linkUp('b', true);
+  assert.deepEqual(trace(core.receive('b', ack('ACK', 0, 2))), ['catchUp b at 0']);
 });

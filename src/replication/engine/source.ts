@@ -308,7 +308,9 @@ export class ReplicationSource {
 
   /**
    * Marks every pending write that some member has not acknowledged (or, FUA, not synced) as
-   * failed, and fails at once the flushes not yet synced by every member.
+   * failed, and fails at once the flushes not yet synced by every member and every operation
+   * still queued: admitted under the grants of an epoch this node has left, it would be sent
+   * after its floor as a new entry and land after newer writes (found by the simulation).
    */
   private failUnreplicated(): SourceEffect[] {
     const acked = this.minPeer('ackedSeq');
@@ -322,6 +324,7 @@ export class ReplicationSource {
     let kept = this.pendingFlushes.length;
     while (kept > 0 && this.pendingFlushes[kept - 1]!.sequence > syncAcked) kept--;
     for (const flush of this.pendingFlushes.splice(kept)) effects.push({ kind: 'complete', operationId: flush.operationId, result: failure });
+    for (const queued of this.queue.splice(0)) effects.push({ kind: 'complete', operationId: queued.kind === 'write' ? queued.write.operationId : queued.operationId, result: failure });
     return effects;
   }
 
