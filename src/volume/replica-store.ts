@@ -92,7 +92,7 @@ import { MirrorsanError, assert, isMirrorsanError } from '../errors.js';
 import { ENTRY_TYPE, type LogEntry } from '../journal/entry.js';
 import { WriteAheadLog, type ReplayResult } from '../journal/wal.js';
 import { AllocationMap } from '../store/alloc-map.js';
-import { writeFileDurable } from '../store/file-io.js';
+import { fsyncDir, writeFileDurable } from '../store/file-io.js';
 import { ImageFile, WRITE_PIECE_BYTES, fileExists, type ImageFaults } from '../store/image.js';
 import { RangeLock } from '../store/range-lock.js';
 import { SupersedeIndex } from '../store/supersede-index.js';
@@ -180,6 +180,11 @@ export interface ReplicaRecovery {
   replayedEntries: number;
   /** Logs whose torn tail was cut: 'wal' or a source id. */
   cutTails: string[];
+  /**
+   * The store was closed cleanly last time (or is new). False after a crash: entries this node
+   * acknowledged on receipt (in memory) may be gone until their sources resend them.
+   */
+  cleanShutdown: boolean;
   ownSequence: number;
   sources: ReadonlyMap<string, SourceRecovered>;
   durationMs: number;
@@ -425,9 +430,16 @@ export class ReplicaStore {
     });
     let record: CheckpointRecord;
     let map: AllocationMap;
+    // The marker close() leaves goes at once: a crash from now on is an unclean shutdown.
+    let cleanShutdown = true;
     if (!(await fileExists(files.checkpoint))) {
       ({ record, map } = await createStoreFiles(options, files));
     } else {
+      cleanShutdown = await fileExists(files.cleanShutdown);
+      if (cleanShutdown) {
+        await fs.promises.unlink(files.cleanShutdown);
+        await fsyncDir(options.dir);
+      }
       ({ record, map } = decodeCheckpoint(await fs.promises.readFile(files.checkpoint), files.checkpoint));
       if (record.sizeBytes !== options.sizeBytes) {
         throw new MirrorsanError('CONFIG_INVALID', `store in ${options.dir} has ${record.sizeBytes} bytes, not ${options.sizeBytes}`);
@@ -473,6 +485,7 @@ export class ReplicaStore {
         lastStamp: merged.lastStamp,
         replayedEntries: merged.replayedEntries,
         cutTails: logs.filter((_, index) => merged.results[index]!.cutTail).map((log) => log.name),
+        cleanShutdown,
         ownSequence,
         sources: recovered,
         durationMs: Math.round(performance.now() - startedMs),
@@ -794,9 +807,11 @@ export class ReplicaStore {
    */
   async close(options: { checkpoint?: boolean } = {}): Promise<void> {
     if (this.closed) return;
+    let checkpointed = false;
     if ((options.checkpoint ?? true) && !this.failure) {
       try {
         await this.checkpoint();
+        checkpointed = true;
       } catch (error) {
         this.logger.error('replica store: checkpoint at close failed; the logs will be replayed at next open', { dir: this.dir, error: String(error) });
       }
@@ -809,6 +824,8 @@ export class ReplicaStore {
     await this.ownWal.close();
     for (const source of this.sources.values()) await source.wal.close();
     await this.image.close();
+    // Everything this store acknowledged is in the checkpoint: the next open need not doubt it.
+    if (checkpointed && !this.failure) await writeFileDurable(storeFiles(this.dir).cleanShutdown, new Uint8Array(0)).catch(() => undefined);
   }
 
   // ---- internals ------------------------------------------------------------------------
@@ -1264,10 +1281,11 @@ function validateOptions(options: ReplicaStoreOptions): void {
   if (direct !== undefined && !(Number.isSafeInteger(direct) && direct >= 0)) invalid('directWriteMinBytes must be a non-negative integer');
 }
 
-function storeFiles(dir: string): { image: string; checkpoint: string; wal: string; containers: string } {
+function storeFiles(dir: string): { image: string; checkpoint: string; cleanShutdown: string; wal: string; containers: string } {
   return {
     image: path.join(dir, 'volume.img'),
     checkpoint: path.join(dir, 'checkpoint.bin'),
+    cleanShutdown: path.join(dir, 'clean-shutdown'),
     wal: path.join(dir, 'wal'),
     containers: path.join(dir, 'containers'),
   };

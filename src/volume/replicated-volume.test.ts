@@ -127,6 +127,28 @@ test('[I1] a write waits while a member is unreachable and completes once the li
   }
 });
 
+test('[I2] a write that completes after its node lost its lease is not acknowledged (EIO), though every member has it', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  let leaseLost: string | undefined;
+  const loop = await openLoopCluster(root, SIZE_BYTES, (self) => (self === 'n1' ? { servingCheck: () => leaseLost } : {}));
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n1').write(0, Buffer.alloc(4096, 1), { fua: false }), 5000, 'first write');
+    loop.sever('n1', 'n3');
+    const pending = v('n1').write(4096, Buffer.alloc(4096, 2), { fua: false });
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    leaseLost = 'the coordinator lease ran out';
+    loop.heal('n1', 'n3');
+    await assert.rejects(withTimeout(pending, 5000, 'write after heal'), /not serving on this node: the coordinator lease ran out \(the write reached every member/);
+    for (const id of ['n2', 'n3']) assert.equal((await readBytes(v(id), 4096, 1))[0], 2, `${id} has the write all the same`);
+    await assert.rejects(v('n1').read(4096, 1), /not serving on this node/, 'and n1 serves no reads either');
+  } finally {
+    leaseLost = undefined;
+    await loop.close();
+  }
+});
+
 test('writers on disjoint regions never exchange grants; overlapping ones do, and every replica agrees', async (t) => {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
   t.after(() => fs.rmSync(root, { recursive: true, force: true }));
@@ -531,6 +553,40 @@ test('[restart] a writer that restarts with a write nobody else received leaves 
     await withTimeout(v('n1').write(4096, Buffer.alloc(4096, 7), { fua: true }), 5000, 'n1 writes again');
     for (const id of ['n2', 'n3']) assert.equal((await readBytes(v(id), 4096, 1))[0], 7);
     await crashed.close().catch(() => undefined);
+  } finally {
+    await loop.close();
+  }
+});
+
+test('[restart, I3] after a crash an in-sync member serves nothing until it has left the in-sync set and caught up; after a clean stop it serves at once', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const { loop, reopenN1, caughtUp } = await restartableCluster(root);
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    await withTimeout(v('n2').write(0, Buffer.alloc(4096, 3), { fua: true }), 5000, 'a write everyone has');
+    // Crash: the old instance is dropped without close (no clean-shutdown marker).
+    const crashed = v('n1');
+    loop.volumes.delete('n1');
+    const restarted = await reopenN1();
+    await assert.rejects(restarted.read(0, 4096), /restarted after a crash/);
+    for (const peer of ['n2', 'n3']) {
+      loop.up('n1', peer);
+      loop.up(peer, 'n1');
+    }
+    await caughtUp(restarted, Date.now() + 10_000);
+    assert.equal((await readBytes(restarted, 0, 1))[0], 3);
+    void crashed; // a crashed process closes nothing (closing it would checkpoint over the new one's files)
+    // A clean stop leaves the marker: the next open serves at once, still in sync.
+    loop.volumes.delete('n1');
+    await restarted.close();
+    const reopened = await reopenN1();
+    for (const peer of ['n2', 'n3']) {
+      loop.up('n1', peer);
+      loop.up(peer, 'n1');
+    }
+    assert.equal(reopened.replicaState, 'in-sync');
+    assert.equal((await readBytes(reopened, 0, 1))[0], 3);
   } finally {
     await loop.close();
   }

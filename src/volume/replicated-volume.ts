@@ -97,6 +97,8 @@ const DIGEST_WIRE_BYTES = 16;
 const DISKLESS_DROPPED_FRAMES: ReadonlySet<PeerMessage['type']> = new Set(['WRITE', 'SYNC', 'CHECKPOINT', 'GRANT_REQUEST', 'GRANT', 'REVOKE', 'RELEASE']);
 /** The dirty-region tracker's file in the volume's directory (src/volume/dirty-regions.ts). */
 const DIRTY_REGIONS_FILE = 'dirty-regions.bin';
+/** A leave to catch up that could not be made (coordinator unreachable, say) is tried again this often. */
+const MUST_LEAVE_RETRY_MS = 1000;
 /** Policing messages of a newer epoch kept until this node adopts it (the oldest go first beyond: their senders resend). */
 const FUTURE_POLICING_MAX = 1024;
 /** A dirty-region question from an epoch this node has not reached yet waits this long for it. */
@@ -355,6 +357,9 @@ export class ReplicatedVolume implements BlockDevice {
   private futurePolicing: { peer: string; message: PolicingMessage }[] = [];
   /** The highest own sequence a peer reported beyond this node's log (see skipLostSequences). */
   private lostSequencesTo = 0;
+  /** Set after an unclean restart in the in-sync set: why this node must leave to catch up before serving. */
+  private mustLeaveReason: string | undefined;
+  private mustLeaveTriedMs = 0;
   private skippingLostSequences = false;
   /** Settles once the log is padded and the source skipped (a catch-up plans only after: its copies take new numbers). */
   private lostSequencesSkipped: Promise<void> = Promise.resolve();
@@ -424,6 +429,13 @@ export class ReplicatedVolume implements BlockDevice {
     this.dirty.adopt(membership.epoch, membership.inSync, membership.catchingUp ?? [], membership.replicas, [], this.source.lastSequence);
     this.runSource(this.source.setMembership(membership.epoch, membership.inSync, membership.catchingUp ?? []));
     this.persistDirtySoon();
+    if (!store.recovery.cleanShutdown && membership.inSync.includes(options.self) && membership.inSync.length >= 2 && options.catchUp?.leave) {
+      // After a crash, entries this node acknowledged on receipt (in memory) may be gone until
+      // their sources resend them: it serves nothing until it has left the in-sync set and
+      // caught up (the catch-up's barrier waits for every older write to reach it), unless it
+      // is the last in-sync member (found by the failure simulation, restartRejoinsInSync).
+      this.mustLeaveReason = 'it restarted after a crash: entries it had acknowledged on receipt may be missing until it catches up';
+    }
     this.adoptCatchUpState(undefined);
   }
 
@@ -514,7 +526,10 @@ export class ReplicatedVolume implements BlockDevice {
     this.dirty.adopt(next.epoch, this.membership.inSync, this.membership.catchingUp ?? [], this.membership.replicas, this.source.retainedExtents(), this.source.lastSequence);
     this.persistDirtySoon();
     this.runSource(this.source.setMembership(next.epoch, this.membership.inSync, this.membership.catchingUp ?? []));
-    if (!this.membership.inSync.includes(this.self)) this.leavingToCatchUp = false; // out: the in-sync fence holds
+    if (!this.membership.inSync.includes(this.self)) {
+      this.leavingToCatchUp = false; // out: the in-sync fence holds
+      this.mustLeaveReason = undefined;
+    }
     this.adoptCatchUpState(previous);
     this.runReplicationWaiters();
     // A target may be past this epoch already: a peer that heard of a newer one first sent it
@@ -724,6 +739,14 @@ export class ReplicatedVolume implements BlockDevice {
     const now = Math.floor(nowMs);
     this.runSource(this.source.tick(now));
     this.checkStreamPositions(now);
+    if (this.mustLeaveReason && !this.leavingToCatchUp && now - this.mustLeaveTriedMs >= MUST_LEAVE_RETRY_MS) {
+      if (!this.membership.inSync.includes(this.self) || this.membership.inSync.length < 2) {
+        this.mustLeaveReason = undefined; // left already, or the last in-sync member: it is the truth
+      } else {
+        this.mustLeaveTriedMs = now;
+        this.leaveToCatchUp(this.mustLeaveReason);
+      }
+    }
     // Diskless: only this node's stream still matters (its SYNC on the peers); grants and
     // checkpoints need the disk.
     if (this.diskFailure) return;
@@ -902,6 +925,10 @@ export class ReplicatedVolume implements BlockDevice {
     const operation = this.pending.get(operationId);
     if (operation?.copy) {
       operation.admitted = true;
+      if (this.skippingLostSequences) {
+        this.finish(operationId, { ok: false, code: 'NBD_EIO', message: `catch-up copy at ${operation.copy.offset}: sequence numbers are being voided` });
+        return;
+      }
       void this.copyAdmitted(operationId, operation.copy);
       return;
     }
@@ -924,7 +951,11 @@ export class ReplicatedVolume implements BlockDevice {
     if (!operation) return; // failed already (store failure or close)
     this.pending.delete(operationId);
     if (result.ok && operation.holdsGrant) this.ownWriteCompletedSinceOpen = true;
-    if (result.ok) operation.resolve(sequence);
+    // I2: a node whose lease ran out (it may have been removed meanwhile) acknowledges no
+    // write: the client hears EIO (outcome unknown; the data is on every member all the same).
+    const refusal = result.ok && operation.servingTerm !== undefined ? this.servingCheck?.() : undefined;
+    if (refusal) operation.reject(new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${refusal} (the write reached every member, but this node may no longer acknowledge it)`));
+    else if (result.ok) operation.resolve(sequence);
     else operation.reject(new MirrorsanError(result.code, result.message));
     if (!operation.holdsGrant || !operation.admitted || this.closed) return;
     // The region's hold ends once every member has the write (async: maybe after the client's answer).
@@ -1189,7 +1220,11 @@ export class ReplicatedVolume implements BlockDevice {
    * member before another node may write over them (see the header).
    */
   private sendPolicing(target: string, message: PolicingMessage, recipientRole: 'holder' | 'arbiter'): void {
-    const isRelease = message.type === 'RELEASE';
+    // DRAINED (holder to arbiter) hands every grant of the old epoch over just as a RELEASE
+    // does: the same durability sync comes first (found by the failure simulation), unless
+    // every member already synced everything this node wrote.
+    const drainedUnsynced = message.type === 'DRAINED' && recipientRole === 'arbiter' && this.source.memberWatermark('syncAckedSeq') < this.source.lastSequence;
+    const isRelease = message.type === 'RELEASE' || drainedUnsynced;
     if (!isRelease && this.heldPolicing.length === 0) {
       this.deliverPolicing(target, message, recipientRole);
       return;
@@ -1367,6 +1402,13 @@ export class ReplicatedVolume implements BlockDevice {
    */
   private async planCatchUp(): Promise<CatchUpPlanResult> {
     await this.lostSequencesSkipped;
+    // A barrier: one grant of this epoch. The arbiter grants nothing before every member's
+    // DRAINED, which each sends once its older-epoch writes are acknowledged (and durable) on
+    // their members: so every write admitted before this replica joined, and so never
+    // streamed to it, is on the in-sync peers before any chunk is compared (found by the
+    // failure simulation: a chunk compared earlier could miss such a write on both sides).
+    const barrierBytes = Math.min(4096, this.sizeBytes);
+    await this.copyUnderGrant(0, barrierBytes, () => this.store.read(0, barrierBytes), false);
     const sinceEpoch = this.dirty.plan?.epoch ?? 0;
     const peers = this.membership.inSync.filter((node) => node !== this.self);
     if (peers.length === 0) throw new MirrorsanError('NBD_EIO', 'no in-sync peer to plan the catch-up with');
@@ -1702,6 +1744,9 @@ export class ReplicatedVolume implements BlockDevice {
     if (this.failure) throw this.failure;
     if (this.fence) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${this.fence}`);
     if (this.leavingToCatchUp) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: it restarted with unacknowledged writes and is leaving the in-sync set to catch up`);
+    // Nothing may take a sequence number while the lost ones are voided (the log is being padded).
+    if (this.skippingLostSequences) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: it is voiding sequence numbers its log lost in a crash`);
+    if (this.mustLeaveReason) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${this.mustLeaveReason}`);
     const refusal = this.servingCheck?.();
     if (refusal) throw new MirrorsanError('NBD_EIO', `volume ${this.name}: not serving on this node: ${refusal}`);
   }
