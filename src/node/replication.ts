@@ -520,6 +520,8 @@ export class NodeReplication {
     // Called before any data frame of the connection is delivered, and after our AUTH went out
     // on it: the dialler repositions its stream on exactly the ACKs sent here.
     for (const volume of this.volumes.values()) volume.inboundUp(peer);
+    // The peer is back: our link to it need not wait out its backoff.
+    this.links.get(peer)?.dialNowIfWaiting();
     return { onMessage: (message) => this.route(peer, message) };
   }
 

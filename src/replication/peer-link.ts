@@ -697,6 +697,19 @@ export class PeerLink {
     this.connection?.close(`reconnecting: ${reason}`);
   }
 
+  /**
+   * The peer is evidently up (it just dialled us): a link waiting out its reconnect backoff
+   * dials now instead (a restarted peer would otherwise wait up to reconnectMaxMs for the
+   * link its stream positions and grants travel on).
+   */
+  dialNowIfWaiting(): void {
+    if (this.closing || this.connection !== undefined || this.reconnectTimer === undefined) return;
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = undefined;
+    this.failedAttempts = 0;
+    this.dial();
+  }
+
   /** Closes the link for good. */
   async close(): Promise<void> {
     this.closing = true;
@@ -754,6 +767,9 @@ export class PeerLink {
     const ceilingMs = Math.min(this.timings.reconnectMaxMs, this.timings.reconnectMinMs * 2 ** exponent);
     // Jitter in [ceiling/2, ceiling): nodes restarting together do not dial in lockstep.
     const delayMs = Math.max(1, Math.floor(ceilingMs / 2 + (this.random() * ceilingMs) / 2));
-    this.reconnectTimer = setTimeout(() => this.dial(), delayMs);
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = undefined;
+      this.dial();
+    }, delayMs);
   }
 }
