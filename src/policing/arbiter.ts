@@ -76,6 +76,8 @@ export class Arbiter {
   private nowMs = 0;
   /** Only regions ever requested in this epoch: generations must survive a region going free. */
   private readonly regions = new Map<number, RegionEntry>();
+  /** Per node: regions it held in an earlier epoch, until its DRAINED in the current one (holdingsOf). */
+  private readonly undrainedHoldings = new Map<NodeId, Set<number>>();
   /** Regions with an outstanding REVOKE, for tick() (cheap with a huge region table). */
   private readonly revoked = new Set<number>();
   private members: readonly NodeId[] | undefined;
@@ -121,6 +123,17 @@ export class Arbiter {
     return { regionsHeld, regionsContended, waiters, awaitingDrained };
   }
 
+  /**
+   * Regions `node` may have writes in flight in: those it holds, and those it held in an
+   * earlier epoch and has not said DRAINED for since. When it dies, its writes there may have
+   * reached some members and not others (the volume repairs them).
+   */
+  holdingsOf(node: NodeId): number[] {
+    const regions = new Set(this.undrainedHoldings.get(node) ?? []);
+    for (const [region, entry] of this.regions) if (entry.holder === node) regions.add(region);
+    return [...regions].sort((a, b) => a - b);
+  }
+
   /** The holder and generation of a region (for status pages and tests). */
   region(region: number): { holder: NodeId | undefined; generation: number; waiters: readonly NodeId[] } {
     const entry = this.regions.get(region);
@@ -134,6 +147,12 @@ export class Arbiter {
   reset(epoch: number, members?: readonly NodeId[]): void {
     assert(Number.isSafeInteger(epoch) && epoch > this.epochValue, `epochs only grow: ${epoch} after ${this.epochValue}`);
     this.epochValue = epoch;
+    for (const [region, entry] of this.regions) {
+      if (entry.holder === undefined) continue;
+      const held = this.undrainedHoldings.get(entry.holder) ?? new Set<number>();
+      held.add(region);
+      this.undrainedHoldings.set(entry.holder, held);
+    }
     this.regions.clear();
     this.revoked.clear();
     this.drained.clear();
@@ -184,6 +203,8 @@ export class Arbiter {
       case 'DRAINED': {
         const wasFenced = this.fenced;
         this.drained.add(source);
+        // Its writes under older grants are acknowledged (and durable) on every member now.
+        this.undrainedHoldings.delete(source);
         effects.push({ kind: 'send', target: source, message: { type: 'DRAINED', volume: this.config.volume, epoch: this.epochValue, region: 0, generation: 0 } });
         if (wasFenced && !this.fenced) {
           for (const [queued, entry] of this.regions) this.grantNext(effects, queued, entry);

@@ -631,6 +631,37 @@ test('[restart, lost entries] a writer whose log lost entries a peer holds voids
   }
 });
 
+test('[I4, repair] a writer removed with a write that reached only some members: the new arbiter rewrites the regions it held, and the survivors converge', async (t) => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
+  t.after(() => fs.rmSync(root, { recursive: true, force: true }));
+  const loop = await openCluster(root, 64 * 1024);
+  const v = (id: string) => loop.volumes.get(id)!;
+  try {
+    // n2 arbitrates from epoch 2 on; n1 writes region 10 (and keeps its grant).
+    for (const id of NODES) v(id).changeMembership({ epoch: 2, replicas: [...NODES], inSync: [...NODES], arbiter: 'n2' });
+    await withTimeout(v('n1').write(10 * 65536, Buffer.alloc(4096, 1), { fua: true }), 5000, 'n1 writes region 10');
+    // n1's next write reaches n3 only, then n1 dies (as good as: nothing reaches it any more).
+    const last = (v('n1').status() as { source: { lastSequence: number } }).source.lastSequence;
+    v('n3').receive('n1', { type: 'WRITE', volume: 'vol', epoch: 2, source: 'n1', sequence: last + 1, entryType: ENTRY_TYPE.WRITE, offset: 10 * 65536, lengthBytes: 4096, payload: Buffer.alloc(4096, 0xcd) });
+    const deadline = Date.now() + 10_000;
+    while ((await readBytes(v('n3'), 10 * 65536, 1))[0] !== 0xcd) {
+      assert.ok(Date.now() < deadline, 'n3 did not apply the half-delivered write');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    loop.sever('n1', 'n2');
+    loop.sever('n1', 'n3');
+    for (const id of ['n2', 'n3']) v(id).changeMembership({ epoch: 3, replicas: [...NODES], inSync: ['n2', 'n3'], arbiter: 'n2' });
+    while (!(await readBytes(v('n2'), 0, SIZE_BYTES)).equals(await readBytes(v('n3'), 0, SIZE_BYTES))) {
+      assert.ok(Date.now() < deadline, 'n2 and n3 still differ');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    assert.equal((v('n2').status() as { counters: { repairedChunks: number } }).counters.repairedChunks, 1);
+    assert.equal((await readBytes(v('n3'), 10 * 65536, 1))[0], 1, 'the arbiter\'s bytes won');
+  } finally {
+    await loop.close();
+  }
+});
+
 test('[bad input] a region request out of range, too long or too finely chunked gets a clear error reply; an out-of-sync replica refuses to answer; the volume keeps serving', async (t) => {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'replicated-volume-'));
   t.after(() => fs.rmSync(root, { recursive: true, force: true }));

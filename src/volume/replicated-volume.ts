@@ -374,7 +374,7 @@ export class ReplicatedVolume implements BlockDevice {
    */
   private readonly replicationWaiters: Record<'ackedSeq' | 'syncAckedSeq', { sequence: number; run: () => void }[]> = { ackedSeq: [], syncAckedSeq: [] };
   private readonly mode: ReplicationMode;
-  private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0, releaseSyncs: 0, epochChanges: 0 };
+  private counters = { writes: 0, flushes: 0, reads: 0, grantsReceived: 0, remoteEntriesApplied: 0, releaseSyncs: 0, epochChanges: 0, repairedChunks: 0 };
 
   private constructor(options: ReplicatedVolumeOptions, store: ReplicaStore, targets: Map<string, ReplicationTarget>, dirty: DirtyRegionTracker) {
     const { membership } = options;
@@ -538,13 +538,20 @@ export class ReplicatedVolume implements BlockDevice {
     // Messages held behind a RELEASE belong to the old epoch: the new arbiter starts afresh.
     this.heldPolicing.length = 0;
     this.releaseSyncCovers = 0;
+    // Members that left the stream may have left writes on some members and not others.
+    const departed = streamMembers(previous).filter((node) => node !== this.self && !streamMembers(this.membership).includes(node));
+    let suspect: number[] | 'all' | undefined;
     if (this.arbiterNode === this.self) {
+      if (departed.length > 0) suspect = this.arbiter ? [...new Set(departed.flatMap((node) => this.arbiter!.holdingsOf(node)))].sort((a, b) => a - b) : 'all';
       if (this.arbiter) this.arbiter.reset(next.epoch, streamMembers(this.membership));
       else this.arbiter = this.newArbiter(this.membership);
     } else {
       this.arbiter = undefined;
     }
     this.runHolder(this.holder.changeEpoch(next.epoch, this.arbiterNode));
+    if (suspect !== undefined && (suspect === 'all' || suspect.length > 0) && this.membership.inSync.includes(this.self)) {
+      void this.repairAfterLoss(departed, suspect, next.epoch);
+    }
     const arrived = this.futurePolicing.filter((held) => held.message.epoch <= next.epoch);
     this.futurePolicing = this.futurePolicing.filter((held) => held.message.epoch > next.epoch);
     for (const held of arrived) this.receivePolicing(held.peer, held.message);
@@ -1370,6 +1377,59 @@ export class ReplicatedVolume implements BlockDevice {
         this.logger.warn('no stream position from a member for too long: redialling its link', { peer: member, waitedMs: nowMs - since });
         this.transport.resetOutbound(member, `no ACK positioning the stream for ${nowMs - since} ms`);
       }
+    }
+  }
+
+  // ---- internals: repair after a writer's loss ------------------------------------------
+
+  /**
+   * A writer left the stream (died, removed) while it may have had writes in flight: those
+   * may have reached some members and not others, and nothing else would ever reconcile them
+   * (I4; the failure simulation's noRepairAfterLoss). The new epoch's arbiter compares the
+   * regions that writer held (its grant table says which; every region if this node was not
+   * the arbiter before) on every in-sync member and rewrites the chunks they disagree on from
+   * its own bytes, under their grants, through the mirrored write path.
+   */
+  private async repairAfterLoss(departed: string[], suspect: number[] | 'all', epoch: number): Promise<void> {
+    const regions = suspect === 'all' ? Array.from({ length: this.regionCount }, (_, region) => region) : suspect;
+    this.logger.warn('repairing what departed writers may have left half-written', { departed: departed.join(','), regions: suspect === 'all' ? `all ${this.regionCount}` : regions.length, epoch });
+    const chunkBytes = Math.min(this.regionSizeBytes, CATCH_UP_CHUNK_BYTES_MAX);
+    let compared = 0;
+    let rewritten = 0;
+    try {
+      // The barrier (see planCatchUp): once a grant of this epoch is held, every member adopted
+      // it and refuses the departed writer's frames, so nothing of it lands after the compare.
+      const barrierBytes = Math.min(4096, this.sizeBytes);
+      await this.copyUnderGrant(0, barrierBytes, () => this.store.read(0, barrierBytes), false);
+      const access = this.linkPeerAccess();
+      for (const region of regions) {
+        const start = region * this.regionSizeBytes;
+        const end = Math.min(this.sizeBytes, start + this.regionSizeBytes);
+        for (let offset = start; offset < end; offset += chunkBytes * 16) {
+          if (this.closed || this.membership.epoch !== epoch || !this.membership.inSync.includes(this.self)) return;
+          const length = Math.min(chunkBytes * 16, end - offset);
+          const peers = this.membership.inSync.filter((node) => node !== this.self);
+          const [local, ...remotes] = await Promise.all([
+            this.store.read(offset, length).then((data) => digestChunks(data, chunkBytes)),
+            ...peers.map((peer) => access.digests(peer, offset, length, chunkBytes)),
+          ]);
+          for (let index = 0; index < local.length; index++) {
+            compared++;
+            if (remotes.every((answer) => answer[index] === local[index])) continue;
+            const chunkStart = offset + index * chunkBytes;
+            const chunkLength = Math.min(chunkBytes, end - chunkStart);
+            await this.copyUnderGrant(chunkStart, chunkLength, () => this.store.read(chunkStart, chunkLength), true);
+            rewritten++;
+          }
+        }
+      }
+      this.counters.repairedChunks += rewritten;
+      this.logger.info('repair after a writer\'s loss done', { departed: departed.join(','), chunksCompared: compared, chunksRewritten: rewritten });
+    } catch (error) {
+      this.logger.error('repair after a writer\'s loss failed; the regions it covers may differ between replicas until rewritten', {
+        departed: departed.join(','),
+        error: error instanceof Error ? error.message : String(error),
+      });
     }
   }
 
