@@ -1394,6 +1394,11 @@ export class ReplicatedVolume implements BlockDevice {
     const regions = suspect === 'all' ? Array.from({ length: this.regionCount }, (_, region) => region) : suspect;
     this.logger.warn('repairing what departed writers may have left half-written', { departed: departed.join(','), regions: suspect === 'all' ? `all ${this.regionCount}` : regions.length, epoch });
     const chunkBytes = Math.min(this.regionSizeBytes, CATCH_UP_CHUNK_BYTES_MAX);
+    // Paced like a catch-up (catchUpRateBytesPerSec): a repair of every region reads the whole
+    // volume on every in-sync member, beside the clients' I/O.
+    const rateBytesPerSec = this.catchUpAccess?.rateBytesPerSec ?? 0;
+    const startedMs = Date.now();
+    let comparedBytes = 0;
     let compared = 0;
     let rewritten = 0;
     try {
@@ -1408,6 +1413,11 @@ export class ReplicatedVolume implements BlockDevice {
         for (let offset = start; offset < end; offset += chunkBytes * 16) {
           if (this.closed || this.membership.epoch !== epoch || !this.membership.inSync.includes(this.self)) return;
           const length = Math.min(chunkBytes * 16, end - offset);
+          comparedBytes += length;
+          if (rateBytesPerSec > 0) {
+            const aheadMs = (comparedBytes / rateBytesPerSec) * 1000 - (Date.now() - startedMs);
+            if (aheadMs > 0) await sleep(aheadMs);
+          }
           const peers = this.membership.inSync.filter((node) => node !== this.self);
           const [local, ...remotes] = await Promise.all([
             this.store.read(offset, length).then((data) => digestChunks(data, chunkBytes)),
