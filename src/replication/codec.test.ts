@@ -96,6 +96,7 @@ const SAMPLES: ReplicationMessage[] = [
   { type: 'PONG', timestampMs: 0 },
   { type: 'REGION_REQUEST', volume: 'vol0', epoch: 6, requestId: 1, kind: 'digests', offset: 0, lengthBytes: 16 * 1024 * 1024, chunkBytes: 1024 * 1024 },
   { type: 'REGION_REQUEST', volume: longName, epoch: MAX_U64, requestId: MAX_U64, kind: 'read', offset: MAX_U64 - 1, lengthBytes: 1, chunkBytes: 0 },
+  { type: 'REGION_REQUEST', volume: 'vol0', epoch: 9, requestId: 2, kind: 'dirty', offset: 7, lengthBytes: 0, chunkBytes: 1024 * 1024 },
   { type: 'REGION_REPLY', volume: 'vol0', epoch: 6, requestId: 1, ok: true, data: pattern(16 * 16, 5) },
   { type: 'REGION_REPLY', volume: 'vol0', epoch: 6, requestId: 2, ok: false, data: Buffer.from('volume vol0 is not in sync here') },
   { type: 'ERROR', code: 'REPL_EPOCH_STALE', message: 'volume vol0 epoch 2 is older than 3' },

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { ENTRY_TYPE } from '../journal/entry.js';
 import { createLogger } from '../util/log.js';
 import type { PeerMessage } from '../replication/peer-link.js';
+import { decodeDirtyAnswer } from './dirty-regions.js';
 import { LOOP_NODES, Loop, openLoopCluster, readBytes, withTimeout } from './replica-loop.js';
 import { ReplicatedVolume, type ReplicaMembership, type ReplicaTransport, type ReplicatedVolumeOptions } from './replicated-volume.js';
 
@@ -672,13 +673,13 @@ test('[bad input] a region request out of range, too long or too finely chunked 
     membership: { epoch: 1, replicas: ['n1', 'n2'], inSync: ['n1', 'n2'] }, transport, logger: createLogger({ level: 'error' }),
   });
   try {
-    const ask = async (request: { kind: 'digests' | 'read'; offset: number; lengthBytes: number; chunkBytes: number }): Promise<{ ok: boolean; text: string; bytes: number }> => {
+    const ask = async (request: { kind: 'digests' | 'read' | 'dirty'; offset: number; lengthBytes: number; chunkBytes: number }): Promise<{ ok: boolean; text: string; bytes: number; data: Buffer }> => {
       const before = answers.length;
       volume.receive('n2', { type: 'REGION_REQUEST', volume: 'vol', epoch: 1, requestId: before + 1, ...request });
       for (let i = 0; i < 100 && answers.length === before; i++) await new Promise((resolve) => setTimeout(resolve, 5));
       const reply = answers[before];
       assert.ok(reply?.type === 'REGION_REPLY' && reply.requestId === before + 1, 'one reply per request');
-      return { ok: reply.ok, text: reply.data.toString('utf8'), bytes: reply.data.length };
+      return { ok: reply.ok, text: reply.data.toString('utf8'), bytes: reply.data.length, data: reply.data };
     };
     assert.match((await ask({ kind: 'read', offset: SIZE_BYTES - 4096, lengthBytes: 8192, chunkBytes: 0 })).text, /outside the volume/);
     assert.match((await ask({ kind: 'read', offset: 0, lengthBytes: 2 * 1024 * 1024, chunkBytes: 0 })).text, /longer than/);
@@ -686,9 +687,17 @@ test('[bad input] a region request out of range, too long or too finely chunked 
     assert.equal(fine.ok, false);
     assert.match(fine.text, /chunk size 512 out of range/);
     assert.match((await ask({ kind: 'digests', offset: SIZE_BYTES, lengthBytes: 4096, chunkBytes: 4096 })).text, /outside the volume/);
+    // A dirty-region question in another tracking granularity is refused, not answered wrongly.
+    const granularity = await ask({ kind: 'dirty', offset: 0, lengthBytes: 0, chunkBytes: 65536 });
+    assert.equal(granularity.ok, false);
+    assert.match(granularity.text, /tracked in 1048576-byte chunks here, not 65536/);
     // A good request is answered, and client I/O goes on.
     const good = await ask({ kind: 'digests', offset: 0, lengthBytes: 1024 * 1024, chunkBytes: 65536 });
     assert.deepEqual([good.ok, good.bytes], [true, 16 * 16]);
+    const dirty = await ask({ kind: 'dirty', offset: 0, lengthBytes: 0, chunkBytes: 1024 * 1024 });
+    assert.equal(dirty.ok, true);
+    const answer = decodeDirtyAnswer(dirty.data, 4);
+    assert.deepEqual([answer.complete, answer.reason], [false, 'n1 has no record of n2 leaving'], 'n2 never left: nothing to vouch for');
     assert.equal((await readBytes(volume, 0, 4096)).length, 4096);
     // Out of the in-sync set: no answers that could be stale.
     volume.changeMembership({ epoch: 2, replicas: ['n1', 'n2'], inSync: ['n2'] });
